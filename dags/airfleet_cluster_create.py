@@ -1,0 +1,34 @@
+"""
+### Create a cluster
+
+Conf: `{"cluster": {"metadata": {"name": ...}, "spec": {...}}}` (see README).
+
+validate -> lease -> policy `create_cluster` -> register -> Provisioning -> provision
+(eks/aks) -> set up (ssh: Ray head then workers; kubernetes: namespace, pull secret, router,
+metrics) -> detect accelerators -> Running. Re-running converges: what exists is adopted.
+"""
+
+from __future__ import annotations
+
+from airfleet_airflow import flow
+from airflow.sdk import dag
+
+
+@dag(dag_id="airfleet_cluster_create", schedule=None, catchup=False, tags=flow.TAGS,
+     params=flow.flow_params("create"), default_args=flow.DEFAULT_ARGS, doc_md=__doc__)
+def airfleet_cluster_create():
+    checked = flow.validate("create")
+    lease = flow.acquire_lease(checked)
+    flow.guarded(
+        lease,
+        flow.policy_precheck(checked, "create_cluster"),
+        flow.register(checked, lease),
+        flow.begin.override(task_id="provisioning")(lease, "Provisioning", "Create"),
+        flow.backend_step.override(task_id="provision")(lease, "provision"),
+        flow.backend_step.override(task_id="apply")(lease, "apply"),
+        flow.backend_step.override(task_id="detect_accelerators")(lease, "detect_accelerators"),
+        flow.finish.override(task_id="running")(lease, "Running", "Created"),
+    )
+
+
+airfleet_cluster_create()

@@ -1,0 +1,32 @@
+"""
+### Delete a cluster
+
+Conf: `{"name": "llm-a", "force": false}`.
+
+validate -> lease -> policy `delete_cluster` -> Deleting -> tear down (ssh: workers, then the
+head, then a check that nothing is left; kubernetes: the namespace; eks/aks: the managed
+cluster) -> Deleted. A cluster that is not registered is already gone: the run succeeds and
+changes nothing.
+"""
+
+from __future__ import annotations
+
+from airfleet_airflow import flow
+from airflow.sdk import dag
+
+
+@dag(dag_id="airfleet_cluster_delete", schedule=None, catchup=False, tags=flow.TAGS,
+     params=flow.flow_params("delete"), default_args=flow.DEFAULT_ARGS, doc_md=__doc__)
+def airfleet_cluster_delete():
+    checked = flow.validate("delete")
+    lease = flow.acquire_lease(checked)
+    flow.guarded(
+        lease,
+        flow.is_registered(lease),
+        flow.policy_precheck(checked, "delete_cluster"),
+        flow.begin.override(task_id="deleting")(lease, "Deleting", "Delete"),
+        flow.teardown(checked, lease),
+    )
+
+
+airfleet_cluster_delete()

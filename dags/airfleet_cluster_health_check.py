@@ -1,0 +1,39 @@
+"""
+### Health check of the fleet
+
+Every 5 minutes (no catchup, one run at a time), or on demand with `{"names": [...]}`.
+Probes every managed cluster read-only and applies Running <-> Failed with the reason. Takes
+no lease: a cluster held by a running flow is skipped, and an older observation never
+overwrites a newer status.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airfleet_airflow import flow
+from airflow.sdk import dag, task
+
+
+@task
+def check_fleet() -> dict[str, str]:
+    from airfleet import flows
+    from airfleet.store import Store
+    from airflow.sdk import get_current_context
+
+    ctx = get_current_context()
+    outcomes = flows.health_check(Store(), f"{ctx['dag'].dag_id}/{ctx['run_id']}",
+                                  ctx["params"].get("names"))
+    for name, outcome in sorted(outcomes.items()):
+        print(f"{name}: {outcome}")
+    return outcomes
+
+
+@dag(dag_id="airfleet_cluster_health_check", schedule=timedelta(minutes=5), catchup=False,
+     max_active_runs=1, tags=flow.TAGS, params=flow.flow_params("health_check"),
+     default_args=flow.DEFAULT_ARGS, doc_md=__doc__)
+def airfleet_cluster_health_check():
+    check_fleet()
+
+
+airfleet_cluster_health_check()

@@ -1,0 +1,33 @@
+"""
+### Onboard an existing cluster
+
+Conf: `{"cluster": {"metadata": {"name": ...}, "spec": {...}}}` describing a cluster that
+already runs.
+
+validate -> lease -> policy `onboard_cluster` -> register (sealed credentials into the vault)
+-> discover it read-only (nodes, health) -> detect accelerators -> install only what is missing
+-> Running. Nothing that runs is restarted.
+"""
+
+from __future__ import annotations
+
+from airfleet_airflow import flow
+from airflow.sdk import dag
+
+
+@dag(dag_id="airfleet_cluster_onboard", schedule=None, catchup=False, tags=flow.TAGS,
+     params=flow.flow_params("onboard"), default_args=flow.DEFAULT_ARGS, doc_md=__doc__)
+def airfleet_cluster_onboard():
+    checked = flow.validate("onboard")
+    lease = flow.acquire_lease(checked)
+    flow.guarded(
+        lease,
+        flow.policy_precheck(checked, "onboard_cluster"),
+        flow.register(checked, lease),
+        flow.backend_step.override(task_id="discover")(lease, "query"),
+        flow.backend_step.override(task_id="detect_accelerators")(lease, "detect_accelerators"),
+        flow.finish.override(task_id="running")(lease, "Running", "Onboarded"),
+    )
+
+
+airfleet_cluster_onboard()

@@ -1,0 +1,34 @@
+"""
+### Update a cluster to a desired spec
+
+Conf: `{"cluster": <the whole desired cluster>}`; the cluster must be registered and keep its
+type and provider.
+
+validate -> lease -> policy `update_cluster` -> record the desired spec (generation + 1 when it
+changed) -> Updating -> converge (ssh: new workers join, removed workers are drained) -> detect
+accelerators -> Running.
+"""
+
+from __future__ import annotations
+
+from airfleet_airflow import flow
+from airflow.sdk import dag
+
+
+@dag(dag_id="airfleet_cluster_update", schedule=None, catchup=False, tags=flow.TAGS,
+     params=flow.flow_params("update"), default_args=flow.DEFAULT_ARGS, doc_md=__doc__)
+def airfleet_cluster_update():
+    checked = flow.validate("update")
+    lease = flow.acquire_lease(checked)
+    flow.guarded(
+        lease,
+        flow.policy_precheck(checked, "update_cluster"),
+        flow.record_desired(checked, lease),
+        flow.begin.override(task_id="updating")(lease, "Updating", "Update"),
+        flow.backend_step.override(task_id="apply")(lease, "apply"),
+        flow.backend_step.override(task_id="detect_accelerators")(lease, "detect_accelerators"),
+        flow.finish.override(task_id="running")(lease, "Running", "Updated"),
+    )
+
+
+airfleet_cluster_update()

@@ -1,0 +1,115 @@
+"""One backend per cluster type, all with the same verbs (SkyPilot's provision layer is the model).
+
+Every verb is idempotent: it looks at what exists, adopts what is ours, creates only what is
+missing, and treats "already gone" as success on teardown. Backends never read an Airflow
+connection: the plugin layer builds clients from Airflow hooks and hands them in through
+:class:`BackendContext`.
+
+Backends are found through an explicit registry (:data:`BUILTIN`), plus ``AIRFLEET_BACKENDS``
+(``type=module:Class,...``) so a deployment or a test can register its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from airfleet.errors import AirfleetError, BackendUnavailable
+from airfleet.resources import Cluster, ClusterSpec, Condition, NodeStatus
+
+log = logging.getLogger(__name__)
+
+# cluster type -> "module:Class". The product backends register here as they land.
+BUILTIN: dict[str, str] = {}
+ENV_VAR = "AIRFLEET_BACKENDS"
+
+
+class NotSupported(AirfleetError):
+    """A backend was asked for a verb it cannot do."""
+
+
+@dataclass
+class Observation:
+    """What a backend saw: the basis of a status write."""
+
+    healthy: bool
+    message: str = ""
+    nodes: list[NodeStatus] = field(default_factory=list)
+    accelerators: dict[str, Any] = field(default_factory=dict)
+    conditions: list[Condition] = field(default_factory=list)
+
+
+@dataclass
+class BackendContext:
+    """What a verb gets besides the cluster: the run, clients built from Airflow hooks, and a
+    callback that records per-node progress as it happens."""
+
+    run_id: str
+    clients: Mapping[str, Any] = field(default_factory=dict)
+    report_node: Callable[[NodeStatus], None] = lambda node: None
+    log: logging.Logger = log
+
+
+class Backend:
+    """The verbs of a cluster type. A verb a backend cannot do raises :class:`NotSupported`."""
+
+    cluster_type: ClassVar[str]
+
+    def validate(self, spec: ClusterSpec) -> None:
+        """Checks beyond the schema that need no I/O; raise InvalidRequest naming the field."""
+
+    def provision(self, cluster: Cluster, ctx: BackendContext) -> None:
+        """Create the underlying infrastructure (managed Kubernetes); no-op where none."""
+
+    def apply(self, cluster: Cluster, ctx: BackendContext) -> Observation:
+        """Converge the cluster to its spec; return what was observed afterwards."""
+        raise self._unsupported("apply")
+
+    def query(self, cluster: Cluster, ctx: BackendContext) -> Observation:
+        """Discover a running cluster without changing it (onboarding)."""
+        raise self._unsupported("query")
+
+    def health(self, cluster: Cluster, ctx: BackendContext) -> Observation:
+        """Probe the cluster read-only."""
+        raise self._unsupported("health")
+
+    def detect_accelerators(self, cluster: Cluster, ctx: BackendContext) -> dict[str, Any]:
+        raise self._unsupported("detect_accelerators")
+
+    def drain_node(self, cluster: Cluster, node: str, ctx: BackendContext) -> None:
+        raise self._unsupported("drain_node")
+
+    def teardown(self, cluster: Cluster, ctx: BackendContext, *, force: bool = False) -> list[str]:
+        """Remove everything Airfleet made; return leftovers (empty when clean)."""
+        raise self._unsupported("teardown")
+
+    def _unsupported(self, verb: str) -> NotSupported:
+        return NotSupported(f"the {self.cluster_type} backend cannot {verb}")
+
+
+def registered() -> dict[str, str]:
+    """The registry: builtin entries overridden by ``AIRFLEET_BACKENDS``."""
+    entries = dict(BUILTIN)
+    for item in filter(None, (os.environ.get(ENV_VAR) or "").split(",")):
+        cluster_type, sep, target = item.strip().partition("=")
+        if not sep or ":" not in target:
+            raise BackendUnavailable(f"{ENV_VAR}: {item!r} is not type=module:Class")
+        entries[cluster_type.strip()] = target.strip()
+    return entries
+
+
+def get_backend(cluster_type: str) -> Backend:
+    entries = registered()
+    target = entries.get(str(cluster_type))
+    if target is None:
+        known = ", ".join(sorted(entries)) or "none yet"
+        raise BackendUnavailable(
+            f"cluster type {cluster_type} is not available: no backend is registered for it "
+            f"(available: {known})")
+    module_name, _, class_name = target.partition(":")
+    backend_class = getattr(importlib.import_module(module_name), class_name)
+    return backend_class()

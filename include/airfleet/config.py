@@ -1,0 +1,32 @@
+"""Airfleet's own settings, read from environment variables with documented defaults.
+
+- ``AIRFLEET_DATABASE_URL``: the store. Default: ``sqlite:///$AIRFLOW_HOME/airfleet.db``
+  (``AIRFLOW_HOME`` defaults to ``~/airflow``, as in Airflow).
+- ``AIRFLEET_KEYS_DIR``: the vault's key pair. Default: ``$AIRFLOW_HOME/airfleet-keys``.
+- ``AIRFLEET_POLICIES_DIR``: governance policies. Default: the repository's ``policies/``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def airflow_home() -> Path:
+    return Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
+
+
+def database_url() -> str:
+    url = os.environ.get("AIRFLEET_DATABASE_URL")
+    if url:
+        return url
+    return f"sqlite:///{airflow_home() / 'airfleet.db'}"
+
+
+def keys_dir() -> Path:
+    return Path(os.environ.get("AIRFLEET_KEYS_DIR") or airflow_home() / "airfleet-keys")
+
+
+def policies_dir() -> Path:
+    default = Path(__file__).resolve().parents[2] / "policies"
+    return Path(os.environ.get("AIRFLEET_POLICIES_DIR") or default)

@@ -1,0 +1,265 @@
+"""The steps every flow shares, free of Airflow so they can be tested on their own.
+
+Shape of a mutating flow (the DAGs in ``dags/`` wire these as tasks)::
+
+    validate -> acquire lease (setup) -> policy pre-check -> backend steps -> finish
+             -> release lease (teardown, runs whatever happened) ; watcher
+
+- ``validate`` only reads: a bad request fails here, before any lease or row exists.
+- Every write after it carries the lease's fencing token, so a run whose lease was taken over
+  can no longer change the cluster.
+- A backend step that fails records Failed with its reason before it re-raises; ``release``
+  also turns a transient phase this run left behind (the task was killed) into Failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from airfleet import lifecycle
+from airfleet.backends import BackendContext, Observation, get_backend
+from airfleet.errors import ClusterUnhealthy, InvalidRequest, NotFound
+from airfleet.resources import (
+    FLOW_CONF,
+    ClusterRequest,
+    NodeStatus,
+    Phase,
+    parse_conf,
+)
+from airfleet.store import ClusterRecord, Store, now
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class LeaseRef:
+    """What the lease setup task hands to the others (through XCom): no secret in it."""
+
+    name: str
+    holder: str
+    token: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "holder": self.holder, "token": self.token}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LeaseRef:
+        return cls(data["name"], data["holder"], int(data["token"]))
+
+
+# ---- validate (read-only) ----------------------------------------------------------------
+
+def validate(action: str, conf: dict[str, Any], store: Store | None = None) -> dict[str, Any]:
+    """Parse and check a flow's conf. Returns ``{"name", "request"}`` (request: the cluster as
+    JSON, or None for delete). Raises :class:`InvalidRequest` and changes nothing."""
+    parsed = parse_conf(FLOW_CONF[action], conf)
+    if action == "delete":
+        record = (store or Store()).get_cluster(parsed.name)
+        if record is not None:
+            get_backend(record.cluster.spec.type)
+        return {"name": parsed.name, "request": None, "force": parsed.force}
+    request: ClusterRequest = parsed.cluster
+    backend = get_backend(request.spec.type)
+    backend.validate(request.spec)
+    if action == "update":
+        record = (store or Store()).get_cluster(request.name)
+        if record is None:
+            raise InvalidRequest(f"cluster.metadata.name: cluster {request.name} is not "
+                                 "registered; create or onboard it first")
+        if record.cluster.spec.type != request.spec.type or \
+                record.cluster.spec.provider != request.spec.provider:
+            raise InvalidRequest("cluster.spec.type: a cluster's type and provider cannot "
+                                 "change; delete it and create a new one")
+    return {"name": request.name, "request": request.model_dump(mode="json")}
+
+
+# ---- lease --------------------------------------------------------------------------------
+
+def acquire(store: Store, name: str, holder: str) -> LeaseRef:
+    lease = store.acquire_lease(name, holder)
+    log.info("lease on cluster %s taken by %s (fencing token %s)", name, holder, lease.token)
+    return LeaseRef(name, holder, lease.token)
+
+
+def release(store: Store, lease: LeaseRef) -> None:
+    """Teardown: never leave a transient phase behind, then free the lease."""
+    record = store.get_cluster(lease.name)
+    if record and record.phase in lifecycle.TRANSIENT and \
+            record.cluster.status.last_run_id == lease.holder:
+        _set_phase(store, lease, Phase.FAILED, "RunEnded",
+                   f"run {lease.holder} ended while the cluster was {record.phase}; "
+                   "see that run's task logs")
+    if store.release_lease(lease.name, lease.holder, lease.token):
+        log.info("lease on cluster %s released by %s", lease.name, lease.holder)
+    else:
+        log.warning("lease on cluster %s was no longer ours (taken over); nothing to release",
+                    lease.name)
+
+
+# ---- mutating steps -----------------------------------------------------------------------
+
+def register(store: Store, lease: LeaseRef, request: dict[str, Any],
+             vault_put: Callable[[str, str], str] | None = None) -> ClusterRecord:
+    """Record the cluster (create/onboard): sealed credentials go to the vault first, so the
+    store and the history only ever see vault ids."""
+    req = ClusterRequest.model_validate(request)
+    req = store_sealed_credentials(req, vault_put)
+    record, created = store.register_cluster(req, run_id=lease.holder, token=lease.token)
+    log.info("cluster %s %s (generation %s)", req.name,
+             "registered" if created else "already registered: adopting it", record.generation)
+    return record
+
+
+def record_desired(store: Store, lease: LeaseRef, request: dict[str, Any],
+                   vault_put: Callable[[str, str], str] | None = None) -> ClusterRecord:
+    """Update flow: record the desired spec (generation grows when it changed)."""
+    req = store_sealed_credentials(ClusterRequest.model_validate(request), vault_put)
+    return store.update_spec(req, run_id=lease.holder, token=lease.token)
+
+
+def begin(store: Store, lease: LeaseRef, phase: Phase, reason: str) -> ClusterRecord:
+    """Show the transient phase of the flow (Provisioning, Updating, Deleting)."""
+    return _set_phase(store, lease, phase, reason, f"{reason} by {lease.holder}")
+
+
+def run_verb(store: Store, lease: LeaseRef, verb: str, **kwargs: Any) -> Any:
+    """Call one backend verb on the recorded cluster. On failure the cluster is recorded
+    Failed with the reason, then the error propagates (the task fails)."""
+    record = store.require_cluster(lease.name)
+    backend = get_backend(record.cluster.spec.type)
+    ctx = _context(store, lease)
+    try:
+        result = getattr(backend, verb)(record.cluster, ctx, **kwargs)
+        if isinstance(result, Observation):
+            _record_observation(store, lease, result)
+        elif verb == "detect_accelerators":
+            _update_status(store, lease, accelerators=result)
+    except Exception as exc:
+        _set_phase(store, lease, Phase.FAILED, f"{verb.title().replace('_', '')}Failed",
+                   f"{verb} failed: {exc}")
+        raise
+    return result
+
+
+def finish(store: Store, lease: LeaseRef, phase: Phase, reason: str,
+           message: str = "") -> ClusterRecord:
+    """The flow's outcome; marks the recorded spec generation as observed."""
+    record = store.require_cluster(lease.name)
+    status = record.cluster.status.model_copy(
+        update={"phase": phase, "message": message or reason, "observed_at": now()})
+    return store.set_status(lease.name, status, reason=reason, run_id=lease.holder,
+                            token=lease.token, observed_generation=record.generation)
+
+
+def delete_done(store: Store, lease: LeaseRef, leftovers: list[str]) -> ClusterRecord:
+    if leftovers:
+        return _set_phase(store, lease, Phase.FAILED, "TeardownIncomplete",
+                          "left behind: " + "; ".join(leftovers))
+    return finish(store, lease, Phase.DELETED, "Deleted", "every component removed")
+
+
+# ---- health (no lease) --------------------------------------------------------------------
+
+def health_check(store: Store, run_id: str, names: list[str] | None = None) -> dict[str, str]:
+    """Probe every managed cluster (or ``names``) and apply Running <-> Failed.
+
+    Clusters held by a running flow or in a transient phase are skipped; an observation older
+    than the recorded status never overwrites it. Returns ``{name: outcome}``."""
+    outcomes: dict[str, str] = {}
+    for record in store.list_clusters():
+        if names and record.name not in names:
+            continue
+        outcomes[record.name] = _check_one(store, record, run_id)
+    for missing in sorted(set(names or []) - set(outcomes)):
+        outcomes[missing] = "not registered"
+    return outcomes
+
+
+def _check_one(store: Store, record: ClusterRecord, run_id: str) -> str:
+    if record.phase in lifecycle.TRANSIENT or record.phase is Phase.PENDING:
+        return f"skipped: {record.phase}"
+    lease = store.get_lease(record.name)
+    if lease is not None and lease.held:
+        return f"skipped: held by {lease.holder}"
+    started = now()
+    try:
+        seen = get_backend(record.cluster.spec.type).health(record.cluster, BackendContext(run_id))
+    except Exception as exc:  # a probe that breaks is a failed check, not a failed run
+        seen = Observation(healthy=False, message=f"health probe failed: {exc}")
+    phase = Phase.RUNNING if seen.healthy else Phase.FAILED
+    status = record.cluster.status.model_copy(update={
+        "phase": phase, "message": seen.message, "observed_at": started,
+        "nodes": seen.nodes or record.cluster.status.nodes,
+        "conditions": seen.conditions or record.cluster.status.conditions})
+    written = store.set_status(record.name, status, reason="HealthCheck", run_id=run_id,
+                               expected_version=record.version, only_if_newer=True)
+    return phase.value if written else "skipped: a newer status is recorded"
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+def store_sealed_credentials(request: ClusterRequest,
+                             vault_put: Callable[[str, str], str] | None) -> ClusterRequest:
+    """Replace every ``{"sealed": ...}`` reference with the vault id it is stored under."""
+    data = request.model_dump(mode="json")
+    found = False
+
+    def walk(node: Any, path: str) -> Any:
+        nonlocal found
+        if isinstance(node, dict):
+            if set(node) >= {"sealed"} and node.get("sealed"):
+                found = True
+                if vault_put is None:
+                    raise InvalidRequest(f"{path}: sealed credentials need the vault")
+                return {"airflow_conn_id": None, "vault_id": vault_put(node["sealed"], path),
+                        "sealed": None}
+            return {k: walk(v, f"{path}.{k}") for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(node)]
+        return node
+
+    data = walk(data, "cluster")
+    return ClusterRequest.model_validate(data) if found else request
+
+
+def _context(store: Store, lease: LeaseRef) -> BackendContext:
+    def report_node(node: NodeStatus) -> None:
+        node = node.model_copy(update={"observed_at": node.observed_at or now()})
+        record = store.require_cluster(lease.name)
+        nodes = [n for n in record.cluster.status.nodes if n.name != node.name] + [node]
+        _update_status(store, lease, nodes=nodes)
+
+    return BackendContext(run_id=lease.holder, report_node=report_node)
+
+
+def _record_observation(store: Store, lease: LeaseRef, seen: Observation) -> None:
+    changes: dict[str, Any] = {"message": seen.message}
+    if seen.nodes:
+        changes["nodes"] = seen.nodes
+    if seen.accelerators:
+        changes["accelerators"] = seen.accelerators
+    if seen.conditions:
+        changes["conditions"] = seen.conditions
+    _update_status(store, lease, **changes)
+    if not seen.healthy:
+        raise ClusterUnhealthy(seen.message or "the backend reported the cluster unhealthy")
+
+
+def _update_status(store: Store, lease: LeaseRef, **changes: Any) -> ClusterRecord:
+    record = store.require_cluster(lease.name)
+    status = record.cluster.status.model_copy(update={**changes, "observed_at": now()})
+    return store.set_status(lease.name, status, reason="Progress", run_id=lease.holder,
+                            token=lease.token, expected_version=record.version)
+
+
+def _set_phase(store: Store, lease: LeaseRef, phase: Phase, reason: str,
+               message: str) -> ClusterRecord:
+    try:
+        return store.transition(lease.name, phase, reason=reason, message=message,
+                                run_id=lease.holder, token=lease.token)
+    except NotFound:
+        raise NotFound(f"cluster {lease.name} is not registered") from None

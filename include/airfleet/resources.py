@@ -1,0 +1,496 @@
+"""The Cluster resource and the conf of every flow, as pydantic v2 models.
+
+These models are the one source of truth: the DAG ``Param`` JSON schemas are generated from
+them (:func:`param_schemas`), so the UI form, the REST API's 400 and the first task's
+validation agree. Rules that span fields (an ssh cluster takes only host_path caches, ...) are
+checked by a validator *and* stated in the JSON schema, and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from airfleet.errors import InvalidRequest
+
+# A cluster name ends up in a namespace `airfleet-<name>-<8 hex>` (<= 63 characters) and in
+# container names, so it is a DNS-1123 label of at most 40 characters.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+NAME_MAX = 40
+Name = Annotated[
+    str,
+    StringConstraints(pattern=NAME_PATTERN, min_length=1, max_length=NAME_MAX),
+    Field(description="DNS-1123 label: lowercase letters, digits and '-', "
+          f"starting and ending with a letter or digit, at most {NAME_MAX} characters"),
+]
+Host = Annotated[
+    str,
+    StringConstraints(pattern=r"^([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]+)$",
+                      max_length=253),
+    Field(description="hostname, IPv4 or IPv6 address"),
+]
+LabelValue = Annotated[str, StringConstraints(pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$",
+                                              max_length=63)]
+LabelKey = Annotated[
+    str,
+    StringConstraints(pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+                      max_length=316),
+]
+
+# The vault's envelope: afv1.<key id>.<wrapped AES key>.<nonce>.<ciphertext> (base64url).
+ENVELOPE_PATTERN = r"^afv1\.[0-9a-f]{16}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$"
+VAULT_ID_PATTERN = r"^vlt_[0-9a-f]{32}$"
+CONN_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,250}$"
+
+# Keys that would carry a secret in plain text. A spec holds references, never values.
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|private_key|api_key|access_key|kubeconfig)",
+                         re.IGNORECASE)
+PLAINTEXT_SECRET_HINT = (
+    "plaintext secrets are not accepted; store the secret in an Airflow connection or seal it "
+    "with `airfleet seal`, then give a credential reference: "
+    '{"airflow_conn_id": ...} | {"vault_id": ...} | {"sealed": ...}'
+)
+
+
+class Strict(BaseModel):
+    """Base of every spec model: unknown fields are errors, secrets-looking keys too."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_plaintext_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if isinstance(key, str) and _SECRET_KEY.search(key) and key not in cls.model_fields:
+                    raise PydanticCustomError("plaintext_secret", "{key}: " + PLAINTEXT_SECRET_HINT,
+                                              {"key": key})
+        return data
+
+
+class CredentialRef(Strict):
+    """A reference to a secret: exactly one of the three kinds."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
+
+    airflow_conn_id: Annotated[str, StringConstraints(pattern=CONN_ID_PATTERN)] | None = Field(
+        None, description="an Airflow connection id")
+    vault_id: Annotated[str, StringConstraints(pattern=VAULT_ID_PATTERN)] | None = Field(
+        None, description="an id in Airfleet's encrypted vault")
+    sealed: Annotated[str, StringConstraints(pattern=ENVELOPE_PATTERN)] | None = Field(
+        None, description="an envelope made by `airfleet seal` with the platform's public key")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CredentialRef:
+        given = [k for k in ("airflow_conn_id", "vault_id", "sealed") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "credential_ref", "give exactly one of airflow_conn_id, vault_id, sealed (got {n})",
+                {"n": len(given)})
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("airflow_conn_id", "vault_id", "sealed") if getattr(self, k))
+
+
+class ImageRegistry(Strict):
+    url: Annotated[str, StringConstraints(pattern=r"^(https?://)?[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._/-]*)?$")] = Field(
+        description="registry host[:port][/path], e.g. registry.example:5000")
+    credential: CredentialRef | None = None
+    ca_cert: CredentialRef | None = Field(None, description="CA certificate of a self-signed registry")
+
+
+class HostPathCache(Strict):
+    path: Annotated[str, StringConstraints(pattern=r"^/")] = Field(description="absolute path on the node")
+
+
+class NFSCache(Strict):
+    server: Host
+    path: Annotated[str, StringConstraints(pattern=r"^/")]
+    read_only: bool = False
+
+
+class PVCCache(Strict):
+    size: Annotated[str, StringConstraints(pattern=r"^[0-9]+(Ki|Mi|Gi|Ti|Pi)$")] = Field(
+        description="capacity, e.g. 500Gi")
+    storage_class: str | None = None
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany"] = "ReadWriteMany"
+
+
+class ModelCache(Strict):
+    """A place where model weights are cached: exactly one of host_path, nfs, pvc."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["host_path"]}, {"required": ["nfs"]}, {"required": ["pvc"]}]})
+
+    name: Name
+    mount_path: Annotated[str, StringConstraints(pattern=r"^/")] | None = Field(
+        None, description="where endpoints see the cache (default /models/<name>)")
+    host_path: HostPathCache | None = None
+    nfs: NFSCache | None = None
+    pvc: PVCCache | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelCache:
+        given = [k for k in ("host_path", "nfs", "pvc") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError("model_cache", "give exactly one of host_path, nfs, pvc", {})
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("host_path", "nfs", "pvc") if getattr(self, k) is not None)
+
+
+class RayConfig(Strict):
+    image: str = "rayproject/ray:2.60.0"
+    version: str = "2.60.0"
+    executable: str = Field("ray", description="ray executable, for container_runtime none")
+    gcs_port: int = Field(6379, ge=1, le=65535)
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+
+
+class SSHConfig(Strict):
+    head: Host
+    workers: list[Host] = Field(default_factory=list)
+    port: int = Field(22, ge=1, le=65535)
+    user: Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_-]*$", max_length=32)] = "root"
+    credential: CredentialRef
+    container_runtime: Literal["docker", "podman", "none"] = "docker"
+    ray: RayConfig = Field(default_factory=RayConfig)
+    drain_deadline_seconds: int = Field(600, ge=1, le=86400)
+
+    @field_validator("workers")
+    @classmethod
+    def _unique_workers(cls, workers: list[str]) -> list[str]:
+        if len(set(workers)) != len(workers):
+            raise PydanticCustomError("duplicate_worker", "each worker address may appear once", {})
+        return workers
+
+    @model_validator(mode="after")
+    def _head_not_a_worker(self) -> SSHConfig:
+        if self.head in self.workers:
+            raise PydanticCustomError("head_is_worker",
+                                      "workers: the head {head} must not be listed as a worker",
+                                      {"head": self.head})
+        return self
+
+
+class Ingress(Strict):
+    host: Host
+    class_name: str | None = None
+
+
+class RouterConfig(Strict):
+    image: str = "airfleet/router:0.1.0"
+    replicas: int = Field(1, ge=1, le=50)
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    ingress: Ingress | None = None
+
+
+class MetricsConfig(Strict):
+    image: str = "victoriametrics/vmagent:v1.106.1"
+    remote_write_url: Annotated[str, StringConstraints(pattern=r"^https?://")] | None = None
+    scrape_interval: Annotated[str, StringConstraints(pattern=r"^[0-9]+[smh]$")] = "30s"
+
+
+class KubernetesConfig(Strict):
+    credential: CredentialRef | None = Field(
+        None, description="the kubeconfig; required for provider existing, made by eks/aks")
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+
+class Taint(Strict):
+    key: str
+    value: str = ""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = "NoSchedule"
+
+
+class NodePool(Strict):
+    name: Name
+    instance_types: list[str] = Field(min_length=1)
+    min: int = Field(0, ge=0)
+    max: int = Field(1, ge=0)
+    desired: int = Field(1, ge=0)
+    gpu: bool = False
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    taints: list[Taint] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> NodePool:
+        if not self.min <= self.desired <= self.max:
+            raise PydanticCustomError("pool_bounds", "need min <= desired <= max (got {a} <= {b} <= {c})",
+                                      {"a": self.min, "b": self.desired, "c": self.max})
+        return self
+
+
+class EKSConfig(Strict):
+    credential: CredentialRef = Field(description="an Airflow AWS connection")
+    region: Annotated[str, StringConstraints(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")]
+    version: Annotated[str, StringConstraints(pattern=r"^1\.[0-9]+$")] = "1.31"
+    role_arn: Annotated[str, StringConstraints(pattern=r"^arn:aws[a-z-]*:iam::")]
+    subnet_ids: list[str] = Field(min_length=1)
+    security_group_ids: list[str] = Field(default_factory=list)
+    endpoint_public_access: bool = True
+    endpoint_private_access: bool = False
+    node_pools: list[NodePool] = Field(default_factory=list)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class AKSConfig(Strict):
+    credential: CredentialRef = Field(description="an Airflow Azure connection")
+    subscription_id: Annotated[str, StringConstraints(
+        pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
+    resource_group: Annotated[str, StringConstraints(pattern=r"^[-\w._()]{1,90}$")]
+    location: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]+$")]
+    version: Annotated[str, StringConstraints(pattern=r"^1\.[0-9]+(\.[0-9]+)?$")] = "1.31"
+    node_pools: list[NodePool] = Field(default_factory=list)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("node_pools")
+    @classmethod
+    def _one_vm_size(cls, pools: list[NodePool]) -> list[NodePool]:
+        for pool in pools:
+            if len(pool.instance_types) != 1:
+                raise PydanticCustomError("aks_vm_size",
+                                          "pool {pool}: instance_types holds exactly one VM size on AKS",
+                                          {"pool": pool.name})
+        return pools
+
+
+class ClusterConfig(Strict):
+    ssh: SSHConfig | None = None
+    kubernetes: KubernetesConfig | None = None
+    eks: EKSConfig | None = None
+    aks: AKSConfig | None = None
+
+
+class ClusterType(StrEnum):
+    SSH = "ssh"
+    KUBERNETES = "kubernetes"
+
+
+class Provider(StrEnum):
+    STATIC = "static"
+    EXISTING = "existing"
+    EKS = "eks"
+    AKS = "aks"
+
+
+# Which providers each type takes and which config block each provider needs. The JSON schema
+# (_SPEC_RULES) states the same rules.
+PROVIDERS = {ClusterType.SSH: {Provider.STATIC},
+             ClusterType.KUBERNETES: {Provider.EXISTING, Provider.EKS, Provider.AKS}}
+CONFIG_BLOCK = {Provider.STATIC: "ssh", Provider.EXISTING: "kubernetes",
+                Provider.EKS: "eks", Provider.AKS: "aks"}
+_SPEC_RULES = {"allOf": [
+    {"if": {"properties": {"type": {"const": "ssh"}}},
+     "then": {"properties": {
+         "provider": {"const": "static"},
+         "model_caches": {"items": {"properties": {"nfs": False, "pvc": False}}}}}},
+    {"if": {"properties": {"type": {"const": "kubernetes"}}},
+     "then": {"properties": {"provider": {"enum": ["existing", "eks", "aks"]}}}},
+    *({"if": {"properties": {"provider": {"const": p.value}}, "required": ["provider"]},
+       "then": {"properties": {"config": {"required": [block]}}}}
+      for p, block in CONFIG_BLOCK.items()),
+    {"if": {"properties": {"provider": {"const": "existing"}}, "required": ["provider"]},
+     "then": {"properties": {"config": {"properties": {"kubernetes": {"required": ["credential"]}}}}}},
+]}
+
+
+class ClusterSpec(Strict):
+    model_config = ConfigDict(json_schema_extra=_SPEC_RULES)
+
+    type: ClusterType
+    provider: Provider
+    version: str = Field("", max_length=128, description="free text the operator controls")
+    image_registry: ImageRegistry | None = None
+    model_caches: list[ModelCache] = Field(default_factory=list)
+    config: ClusterConfig
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterSpec:
+        if self.provider not in PROVIDERS[self.type]:
+            allowed = ", ".join(sorted(p.value for p in PROVIDERS[self.type]))
+            raise _at("provider", "a {type} cluster takes provider {allowed}",
+                      type=self.type.value, allowed=allowed)
+        block = CONFIG_BLOCK[self.provider]
+        if getattr(self.config, block) is None:
+            raise _at(f"config.{block}", "provider {provider} needs a config.{block} block",
+                      provider=self.provider.value, block=block)
+        if self.provider is Provider.EXISTING and self.config.kubernetes.credential is None:
+            raise _at("config.kubernetes.credential",
+                      "provider existing needs a kubeconfig credential reference")
+        if self.type is ClusterType.SSH:
+            for i, cache in enumerate(self.model_caches):
+                if cache.kind != "host_path":
+                    raise _at(f"model_caches.{i}.{cache.kind}",
+                              "{kind} caches need a kubernetes cluster; ssh clusters take host_path",
+                              kind=cache.kind)
+        names = [c.name for c in self.model_caches]
+        if len(set(names)) != len(names):
+            raise _at("model_caches", "each cache name may appear once")
+        return self
+
+    @property
+    def block(self) -> BaseModel:
+        """The config block of this spec's provider."""
+        return getattr(self.config, CONFIG_BLOCK[self.provider])
+
+
+class Metadata(Strict):
+    name: Name
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+
+
+class ClusterRequest(Strict):
+    """What a flow's conf carries: metadata and the desired spec (status is Airfleet's)."""
+
+    metadata: Metadata
+    spec: ClusterSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    PROVISIONING = "Provisioning"
+    UPDATING = "Updating"
+    DELETING = "Deleting"
+    RUNNING = "Running"
+    FAILED = "Failed"
+    DELETED = "Deleted"
+
+
+class NodeStatus(BaseModel):
+    name: str
+    address: str = ""
+    role: Literal["head", "worker", "node"] = "node"
+    phase: str = "Pending"
+    ray_node_id: str | None = None
+    message: str = ""
+    observed_at: datetime | None = None
+
+
+class Condition(BaseModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: datetime | None = None
+
+
+class ClusterStatus(BaseModel):
+    phase: Phase = Phase.PENDING
+    observed_at: datetime | None = None
+    message: str = ""
+    nodes: list[NodeStatus] = Field(default_factory=list)
+    accelerators: dict[str, Any] = Field(default_factory=dict)
+    conditions: list[Condition] = Field(default_factory=list)
+    last_run_id: str | None = None
+
+
+class Cluster(BaseModel):
+    """A recorded cluster: metadata, desired spec and observed status."""
+
+    metadata: Metadata
+    spec: ClusterSpec
+    status: ClusterStatus = Field(default_factory=ClusterStatus)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+# ---- the conf of each flow -------------------------------------------------------------------
+
+class ClusterConf(Strict):
+    """Conf of create, update and onboard: the cluster's metadata and (desired) spec."""
+
+    cluster: ClusterRequest
+
+
+class DeleteConf(Strict):
+    name: Name
+    force: bool = Field(False, description="delete even when the backend cannot tear down cleanly")
+
+
+class HealthCheckConf(Strict):
+    names: list[Name] | None = Field(None, description="only these clusters (default: every one)")
+
+
+# The conf model of each flow, by action name.
+FLOW_CONF: dict[str, type[Strict]] = {"create": ClusterConf, "update": ClusterConf,
+                                      "onboard": ClusterConf, "delete": DeleteConf,
+                                      "health_check": HealthCheckConf}
+
+
+def param_schemas(conf_model: type[BaseModel]) -> dict[str, dict[str, Any]]:
+    """JSON schema per top-level conf key, self-contained, for ``airflow.sdk.Param(**schema)``."""
+    schema = conf_model.model_json_schema()
+    defs = schema.get("$defs", {})
+    out = {}
+    for key, prop in schema["properties"].items():
+        if "$ref" in prop:
+            prop = {**defs[prop["$ref"].rsplit("/", 1)[1]],
+                    **{k: v for k, v in prop.items() if k != "$ref"}}
+        if defs:
+            prop = {**prop, "$defs": defs}
+        out[key] = prop
+    return out
+
+
+def parse_conf(conf_model: type[Strict], conf: dict[str, Any]) -> Strict:
+    """Validate a flow's conf; raise :class:`InvalidRequest` naming each bad field."""
+    try:
+        return conf_model.model_validate(conf or {})
+    except ValidationError as exc:
+        raise InvalidRequest(format_errors(exc)) from None
+
+
+def format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        extra = (err.get("ctx") or {}).get("at")
+        if extra:
+            loc += extra.split(".")
+        if err["type"] == "plaintext_secret":
+            loc.append(err["ctx"]["key"])
+            message = PLAINTEXT_SECRET_HINT
+        elif err["type"] == "string_pattern_mismatch" and err["ctx"]["pattern"] in _PATTERN_HINTS:
+            message = f"{err['input']!r} is not {_PATTERN_HINTS[err['ctx']['pattern']]}"
+        else:
+            message = err["msg"]
+        lines.append(f"{'.'.join(loc) or '(root)'}: {message}")
+    return "invalid request:\n  " + "\n  ".join(lines)
+
+
+_PATTERN_HINTS = {
+    NAME_PATTERN: "a DNS-1123 label: lowercase letters, digits and '-', starting and ending "
+                  "with a letter or digit",
+    ENVELOPE_PATTERN: "an envelope made by `airfleet seal` (afv1.<key id>.<key>.<nonce>.<data>)",
+    VAULT_ID_PATTERN: "a vault id (vlt_ and 32 hex digits)",
+}
+
+
+def _at(path: str, template: str, **ctx: Any) -> PydanticCustomError:
+    """An error raised by a model validator, placed at ``path`` below the model."""
+    return PydanticCustomError("invalid", template, {"at": path, **ctx})

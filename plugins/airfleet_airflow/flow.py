@@ -1,0 +1,206 @@
+"""The tasks every Airfleet flow is built from, and the wiring they share.
+
+Each task is a thin Airflow face over :mod:`airfleet.flows`: it opens the store, calls one
+step and turns a permanent error (bad request, policy denial, lease held) into
+``AirflowFailException`` so no retry is wasted on it. Heavy imports happen inside the tasks,
+so a DAG file parses with ``airflow.sdk`` and the resource models only.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from airfleet.resources import FLOW_CONF, param_schemas
+from airflow.sdk import Param, TriggerRule, get_current_context, task
+from airflow.sdk.bases.operator import chain
+
+TAGS = ["airfleet"]
+DEFAULT_ARGS: dict[str, Any] = {"owner": "airfleet", "retries": 0,
+                                "retry_delay": timedelta(seconds=30)}
+
+
+def flow_params(action: str) -> dict[str, Param]:
+    """The DAG's Params, generated from the flow's conf model (same rules as the first task)."""
+    params = {}
+    for key, schema in param_schemas(FLOW_CONF[action]).items():
+        schema = dict(schema)
+        description = schema.pop("description", None)
+        if "default" in schema:
+            params[key] = Param(schema.pop("default"), description=description, **schema)
+        else:
+            params[key] = Param(description=description, **schema)
+    return params
+
+
+def _holder() -> str:
+    """A lease is held by the DAG run: ``<dag_id>/<run_id>``."""
+    ctx = get_current_context()
+    return f"{ctx['dag'].dag_id}/{ctx['run_id']}"
+
+
+def _store():
+    from airfleet.store import Store
+
+    return Store()
+
+
+def _permanent(exc: Exception) -> Exception:
+    """Errors that a retry cannot fix fail the task for good."""
+    from airfleet.errors import AirfleetError, ClusterUnhealthy
+    from airflow.sdk.exceptions import AirflowFailException
+
+    if isinstance(exc, AirfleetError) and not isinstance(exc, ClusterUnhealthy):
+        return AirflowFailException(str(exc))
+    return exc
+
+
+def _lease(data: dict[str, Any]):
+    from airfleet.flows import LeaseRef
+
+    return LeaseRef.from_dict(data)
+
+
+def _vault_put():
+    from airfleet.vault import Vault
+
+    return Vault.default().put_sealed
+
+
+@task
+def validate(action: str) -> dict[str, Any]:
+    """Check the conf against the models and the backend; reads only, writes nothing."""
+    from airfleet import flows
+
+    params = get_current_context()["params"]
+    conf = {key: params[key] for key in FLOW_CONF[action].model_fields if key in params}
+    try:
+        return flows.validate(action, conf, _store())
+    except Exception as exc:
+        raise _permanent(exc) from None
+
+
+@task
+def acquire_lease(checked: dict[str, Any]) -> dict[str, Any]:
+    from airfleet import flows
+
+    try:
+        return flows.acquire(_store(), checked["name"], _holder()).to_dict()
+    except Exception as exc:
+        raise _permanent(exc) from None
+
+
+@task(trigger_rule=TriggerRule.ALL_DONE)
+def release_lease(lease: dict[str, Any]) -> None:
+    from airfleet import flows
+
+    flows.release(_store(), _lease(lease))
+
+
+@task
+def policy_precheck(checked: dict[str, Any], action: str) -> list[dict[str, Any]]:
+    """Hook point of the governance pre-check: a denial fails the run before any change."""
+    from airfleet import policy
+    from airflow.sdk.exceptions import AirflowFailException
+
+    decisions = policy.precheck(action, checked["name"], checked.get("request"))
+    for d in decisions:
+        print(f"policy {d.policy or '-'}: {d.action} {'allowed' if d.allowed else 'DENIED'}: "
+              f"{d.reason}")
+    denied = [d for d in decisions if not d.allowed]
+    if denied:
+        raise AirflowFailException("; ".join(f"{d.policy}: {d.reason}" for d in denied))
+    return [d.__dict__ for d in decisions]
+
+
+@task
+def register(checked: dict[str, Any], lease: dict[str, Any]) -> int:
+    """Record the cluster (sealed credentials go to the vault); returns its generation."""
+    from airfleet import flows
+
+    try:
+        return flows.register(_store(), _lease(lease), checked["request"], _vault_put()).generation
+    except Exception as exc:
+        raise _permanent(exc) from None
+
+
+@task
+def record_desired(checked: dict[str, Any], lease: dict[str, Any]) -> int:
+    from airfleet import flows
+
+    try:
+        return flows.record_desired(_store(), _lease(lease), checked["request"],
+                                    _vault_put()).generation
+    except Exception as exc:
+        raise _permanent(exc) from None
+
+
+@task
+def begin(lease: dict[str, Any], phase: str, reason: str) -> None:
+    from airfleet import flows
+    from airfleet.resources import Phase
+
+    try:
+        flows.begin(_store(), _lease(lease), Phase(phase), reason)
+    except Exception as exc:
+        raise _permanent(exc) from None
+
+
+@task
+def backend_step(lease: dict[str, Any], verb: str) -> None:
+    """One backend verb (provision, apply, query, detect_accelerators)."""
+    from airfleet import flows
+
+    try:
+        flows.run_verb(_store(), _lease(lease), verb)
+    except Exception as exc:
+        raise _permanent(exc) from None
+
+
+@task
+def finish(lease: dict[str, Any], phase: str, reason: str) -> None:
+    from airfleet import flows
+    from airfleet.resources import Phase
+
+    flows.finish(_store(), _lease(lease), Phase(phase), reason)
+
+
+@task.short_circuit
+def is_registered(lease: dict[str, Any]) -> bool:
+    """Delete of a cluster that is not (or no longer) registered is already done."""
+    if _store().get_cluster(lease["name"]) is None:
+        print(f"cluster {lease['name']} is not registered: nothing to delete")
+        return False
+    return True
+
+
+@task
+def teardown(checked: dict[str, Any], lease: dict[str, Any]) -> None:
+    from airfleet import flows
+
+    store, ref = _store(), _lease(lease)
+    try:
+        leftovers = flows.run_verb(store, ref, "teardown", force=bool(checked.get("force")))
+        record = flows.delete_done(store, ref, leftovers or [])
+    except Exception as exc:
+        raise _permanent(exc) from None
+    if record.phase != "Deleted":
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(record.cluster.status.message)
+
+
+@task(trigger_rule=TriggerRule.ONE_FAILED, retries=0)
+def watcher() -> None:
+    """Fails the run when any step failed, even though the lease teardown succeeded."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    raise AirflowFailException("a step of this run failed; see the failed task's log")
+
+
+def guarded(lease, *steps) -> None:
+    """Wire ``lease -> steps`` in order, the lease release as their teardown, and a watcher."""
+    release = release_lease(lease).as_teardown(setups=lease)
+    chain(lease, *steps, release)
+    steps[-1] >> release
+    list(steps) >> watcher()

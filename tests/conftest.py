@@ -1,0 +1,63 @@
+"""Shared fixtures: isolated AIRFLOW_HOME / store / keys per test, and real databases."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("AIRFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def airfleet_home(tmp_path, monkeypatch) -> Path:
+    """A private AIRFLOW_HOME: the store (SQLite) and vault keys live inside it."""
+    home = tmp_path / "airflow-home"
+    home.mkdir()
+    monkeypatch.setenv("AIRFLOW_HOME", str(home))
+    monkeypatch.setenv("AIRFLEET_DATABASE_URL", f"sqlite:///{home / 'airfleet.db'}")
+    monkeypatch.setenv("AIRFLEET_KEYS_DIR", str(home / "keys"))
+    return home
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'airfleet.db'}"
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database on the machine's server, dropped afterwards. Fails loudly
+    when the server is not there: these tests must not pass silently without it."""
+    from sqlalchemy import create_engine, text
+
+    name = f"airfleet_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request) -> str:
+    """Run a test on both databases the store supports."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store(db_url):
+    from airfleet.store import Store
+
+    s = Store(db_url)
+    s.migrate()
+    yield s
+    s.dispose()
