@@ -3,20 +3,44 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+
+# Airflow reads its configuration once, at import: give the whole test session its own
+# AIRFLOW_HOME (never the developer's) before anything imports airflow.
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="airfleet-tests-airflow-")
+os.environ.update({
+    "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+})
+
 PG_ADMIN_URL = os.environ.get("AIRFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """Airflow's metadata DB (SQLite) in the session's AIRFLOW_HOME, migrated once."""
+    home = Path(os.environ["AIRFLOW_HOME"])
+    if not (home / ".migrated").exists():
+        subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+                       check=True, capture_output=True)
+        (home / ".migrated").touch()
+    return home
 
 
 @pytest.fixture
 def airfleet_home(tmp_path, monkeypatch) -> Path:
-    """A private AIRFLOW_HOME: the store (SQLite) and vault keys live inside it."""
-    home = tmp_path / "airflow-home"
+    """A private Airfleet home: the store (SQLite) and vault keys live inside it."""
+    home = tmp_path / "airfleet-home"
     home.mkdir()
-    monkeypatch.setenv("AIRFLOW_HOME", str(home))
     monkeypatch.setenv("AIRFLEET_DATABASE_URL", f"sqlite:///{home / 'airfleet.db'}")
     monkeypatch.setenv("AIRFLEET_KEYS_DIR", str(home / "keys"))
     return home

@@ -239,7 +239,9 @@ def _context(store: Store, lease: LeaseRef) -> BackendContext:
 def _record_observation(store: Store, lease: LeaseRef, seen: Observation) -> None:
     changes: dict[str, Any] = {"message": seen.message}
     if seen.nodes:
-        changes["nodes"] = seen.nodes
+        t = now()
+        changes["nodes"] = [n if n.observed_at else n.model_copy(update={"observed_at": t})
+                            for n in seen.nodes]
     if seen.accelerators:
         changes["accelerators"] = seen.accelerators
     if seen.conditions:

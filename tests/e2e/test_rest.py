@@ -1,0 +1,205 @@
+"""End to end: Airflow started as README's run command starts it, driven over REST with the
+official client (``apache-airflow-client``).
+
+The recording backend of ``tests/fakes`` stands in for the product backends (registered
+through ``AIRFLEET_BACKENDS``), so these tests show the flow machinery inside a real
+scheduler, executor and api-server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE = "tests.fakes.recording_backend:RecordingBackend"
+CLUSTER = {"metadata": {"name": "e2e-a"},
+           "spec": {"type": "ssh", "provider": "static",
+                    "config": {"ssh": {"head": "10.0.0.1", "workers": ["10.0.0.2"],
+                                       "credential": {"airflow_conn_id": "ssh_fleet"}}}}}
+DAG_IDS = {"airfleet_cluster_create", "airfleet_cluster_update", "airfleet_cluster_delete",
+           "airfleet_cluster_onboard", "airfleet_cluster_health_check"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory):
+    """`bin/airfleet-dev run` (what `make run` runs) on a free port and a private home."""
+    home = tmp_path_factory.mktemp("e2e-airflow-home")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AIRFLEET"))}
+    env.update(AIRFLEET_AIRFLOW_HOME=str(home), AIRFLEET_PORT=str(port),
+               AIRFLEET_BACKENDS=f"ssh={FAKE},kubernetes={FAKE}",
+               AIRFLEET_FAKE_BACKEND_LOG=str(home / "calls.jsonl"),
+               PYTHONPATH=str(ROOT))
+    log = open(home / "standalone.log", "w")
+    proc = subprocess.Popen([str(ROOT / "bin" / "airfleet-dev"), "run"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, proc, home / "standalone.log")
+        yield {"base": base, "home": home, "port": port}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # the standalone's children (scheduler workers, ...) go with the group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"airflow exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            health = requests.get(f"{base}/api/v2/monitor/health", timeout=2).json()
+            if all(health[c]["status"] == "healthy"
+                   for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")):
+                return
+        except (requests.RequestException, ValueError, KeyError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"airflow not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _token(base: str, user: str, password: str) -> str:
+    r = requests.post(f"{base}/auth/token", json={"username": user, "password": password},
+                      timeout=10)
+    assert r.status_code == 201, r.text
+    return r.json()["access_token"]
+
+
+@pytest.fixture(scope="module")
+def client(airflow):
+    import airflow_client.client as af
+
+    config = af.Configuration(host=airflow["base"],
+                              access_token=_token(airflow["base"], "admin", "admin"))
+    with af.ApiClient(config) as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def dags_parsed(client):
+    """The five DAGs, once the dag-processor has parsed them."""
+    import airflow_client.client as af
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        dags = af.DAGApi(client).get_dags(tags=["airfleet"]).dags
+        if {d.dag_id for d in dags} == DAG_IDS:
+            return dags
+        time.sleep(2)
+    pytest.fail(f"DAGs not parsed: {[d.dag_id for d in dags]}")
+
+
+def _trigger(client, dag_id: str, conf: dict):
+    import airflow_client.client as af
+
+    return af.DagRunApi(client).trigger_dag_run(
+        dag_id, af.TriggerDAGRunPostBody(logical_date=None, conf=conf))
+
+
+def _wait_run(client, dag_id: str, run_id: str, timeout: float = 300) -> str:
+    import airflow_client.client as af
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = af.DagRunApi(client).get_dag_run(dag_id, run_id).state
+        if str(state.value if hasattr(state, "value") else state) in ("success", "failed"):
+            return str(state.value if hasattr(state, "value") else state)
+        time.sleep(2)
+    pytest.fail(f"{dag_id} {run_id} did not finish in {timeout} s")
+
+
+def _log(client, dag_id: str, run_id: str, task_id: str) -> str:
+    import airflow_client.client as af
+
+    content = af.TaskInstanceApi(client).get_log(dag_id, run_id, task_id, 1,
+                                                 full_content=True).content
+    return json.dumps([c.to_dict() if hasattr(c, "to_dict") else c for c in content],
+                      default=str)
+
+
+def _store(airflow):
+    from airfleet.store import Store
+
+    return Store(f"sqlite:///{airflow['home'] / 'airfleet.db'}")
+
+
+def test_airflow_is_healthy_with_the_five_dags_active_and_no_import_errors(client, dags_parsed):
+    import airflow_client.client as af
+
+    assert {d.dag_id: d.is_paused for d in dags_parsed} == {d: False for d in DAG_IDS}
+    assert af.ImportErrorApi(client).get_import_errors().total_entries == 0
+
+
+def test_bad_conf_gets_400_naming_the_field_and_changes_nothing(client, dags_parsed, airflow):
+    from airflow_client.client.exceptions import ApiException
+
+    bad = json.loads(json.dumps(CLUSTER))
+    bad["spec"]["config"]["ssh"]["port"] = 70000
+    with pytest.raises(ApiException) as err:
+        _trigger(client, "airfleet_cluster_create", {"cluster": bad})
+    assert err.value.status == 400
+    assert "param cluster" in err.value.body and "['spec']['config']['ssh']['port']" in err.value.body
+
+    missing = json.loads(json.dumps(CLUSTER))
+    del missing["metadata"]["name"]
+    with pytest.raises(ApiException) as err:
+        _trigger(client, "airfleet_cluster_create", {"cluster": missing})
+    assert err.value.status == 400 and "'name' is a required property" in err.value.body
+
+    store = _store(airflow)
+    store.migrate()
+    assert store.list_clusters(include_deleted=True) == []
+    assert store.get_lease("e2e-a") is None
+
+
+def test_a_viewer_cannot_trigger(airflow, dags_parsed):
+    token = _token(airflow["base"], "viewer", "viewer")
+    r = requests.post(f"{airflow['base']}/api/v2/dags/airfleet_cluster_create/dagRuns",
+                      headers={"Authorization": f"Bearer {token}"},
+                      json={"logical_date": None, "conf": {"cluster": CLUSTER}}, timeout=10)
+    assert r.status_code == 403, r.text
+
+
+def test_create_then_delete_over_rest(client, dags_parsed, airflow):
+    run = _trigger(client, "airfleet_cluster_create", {"cluster": CLUSTER})
+    assert _wait_run(client, "airfleet_cluster_create", run.dag_run_id) == "success"
+    assert "lease on cluster e2e-a taken" in _log(client, "airfleet_cluster_create",
+                                                  run.dag_run_id, "acquire_lease")
+    record = _store(airflow).require_cluster("e2e-a")
+    assert record.phase.value == "Running" and len(record.cluster.status.nodes) == 2
+
+    run = _trigger(client, "airfleet_cluster_delete", {"name": "e2e-a"})
+    assert _wait_run(client, "airfleet_cluster_delete", run.dag_run_id) == "success"
+    store = _store(airflow)
+    assert store.get_cluster("e2e-a") is None
+    phases = [(e.from_phase, e.to_phase) for e in store.events("e2e-a") if e.to_phase]
+    assert phases == [(None, "Pending"), ("Pending", "Provisioning"), ("Provisioning", "Running"),
+                      ("Running", "Deleting"), ("Deleting", "Deleted")]
+    calls = [json.loads(line)["verb"]
+             for line in (airflow["home"] / "calls.jsonl").read_text().splitlines()]
+    assert calls == ["provision", "apply", "detect_accelerators", "teardown"]

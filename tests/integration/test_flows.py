@@ -1,0 +1,290 @@
+"""The five flows run for real with ``dag.test()`` against the store, with the recording
+backend of ``tests/fakes`` standing in for a product backend.
+
+Each test checks what a user sees: the cluster's phase and history in the store, what the
+backend was asked to do, the lease afterwards, and the run's outcome.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+from pathlib import Path
+
+import pytest
+
+from airfleet.resources import Phase
+from airfleet.store import Store
+
+pytestmark = pytest.mark.integration
+
+FAKE = "tests.fakes.recording_backend:RecordingBackend"
+SSH_CLUSTER = {"metadata": {"name": "llm-a", "labels": {"team": "search"}},
+               "spec": {"type": "ssh", "provider": "static",
+                        "model_caches": [{"name": "hf", "host_path": {"path": "/data/models"}}],
+                        "config": {"ssh": {"head": "10.0.0.1", "workers": ["10.0.0.2"],
+                                           "credential": {"airflow_conn_id": "ssh_fleet"}}}}}
+
+
+@pytest.fixture(scope="module")
+def dags(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(str(Path(__file__).resolve().parents[2] / "dags"))
+    assert not bag.import_errors
+    return bag.dags
+
+
+@pytest.fixture
+def fake(airfleet_home, monkeypatch, tmp_path):
+    """Register the recording backend for ssh and kubernetes; return its call log reader and
+    a way to instruct it."""
+    monkeypatch.setenv("AIRFLEET_BACKENDS", f"ssh={FAKE},kubernetes={FAKE}")
+    log, state = tmp_path / "calls.jsonl", tmp_path / "state.json"
+    monkeypatch.setenv("AIRFLEET_FAKE_BACKEND_LOG", str(log))
+    monkeypatch.setenv("AIRFLEET_FAKE_BACKEND_STATE", str(state))
+    Store().migrate()
+
+    class Fake:
+        def calls(self, cluster: str | None = None) -> list[str]:
+            if not log.exists():
+                return []
+            rows = [json.loads(line) for line in log.read_text().splitlines()]
+            return [r["verb"] for r in rows if cluster in (None, r["cluster"])]
+
+        def instruct(self, **instructions) -> None:
+            state.write_text(json.dumps(instructions))
+
+    return Fake()
+
+
+def run(dags, dag_id: str, conf: dict):
+    return dags[dag_id].test(run_conf=conf)
+
+
+def states(dag_run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+
+
+def transitions(name: str) -> list[tuple[str | None, str | None]]:
+    return [(e.from_phase, e.to_phase) for e in Store().events(name)
+            if e.kind in ("Transition", "Normal") and e.to_phase]
+
+
+def output(capfd, caplog) -> str:
+    """Everything the run printed or logged (task logs go through logging in dag.test)."""
+    out = capfd.readouterr()
+    return out.out + out.err + caplog.text
+
+
+def assert_untouched(fake, name: str = "llm-a") -> None:
+    store = Store()
+    assert store.list_clusters(include_deleted=True) == []
+    assert store.get_lease(name) is None
+    assert fake.calls() == []
+
+
+def test_create_runs_every_step_records_history_and_releases_the_lease(dags, fake):
+    dr = run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+
+    assert str(dr.state) == "success"
+    record = Store().require_cluster("llm-a")
+    assert record.phase is Phase.RUNNING
+    assert record.observed_generation == record.generation == 1
+    assert [n.name for n in record.cluster.status.nodes] == ["head", "worker-0"]
+    assert all(n.observed_at for n in record.cluster.status.nodes)
+    assert "nvidia.com/gpu" in record.cluster.status.accelerators
+    assert fake.calls() == ["provision", "apply", "detect_accelerators"]
+    assert transitions("llm-a") == [(None, "Pending"), ("Pending", "Provisioning"),
+                                    ("Provisioning", "Running")]
+    run_ids = {e.run_id for e in Store().events("llm-a")}
+    assert run_ids == {f"airfleet_cluster_create/{dr.run_id}"}
+    lease = Store().get_lease("llm-a")
+    assert lease.holder is None and lease.token == 1
+    assert states(dr)["watcher"] == "skipped"
+
+
+def test_create_rerun_converges_without_duplicates(dags, fake):
+    run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    dr = run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+
+    assert str(dr.state) == "success"
+    clusters = Store().list_clusters(include_deleted=True)
+    assert [(c.name, c.generation, c.phase) for c in clusters] == [("llm-a", 1, Phase.RUNNING)]
+    assert Store().get_lease("llm-a").token == 2  # a new run, a new holder
+
+
+def test_a_failing_step_fails_the_run_records_why_and_still_releases(dags, fake):
+    fake.instruct(fail_at={"llm-a": "apply"})
+    dr = run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+
+    assert str(dr.state) == "failed"
+    s = states(dr)
+    assert s["apply"] == "failed" and s["running"] == "upstream_failed"
+    assert s["release_lease"] == "success" and s["watcher"] == "failed"
+    record = Store().require_cluster("llm-a")
+    assert record.phase is Phase.FAILED
+    assert "apply failed: fake backend told to fail at apply" in record.cluster.status.message
+    assert fake.calls() == ["provision", "apply"]
+    assert transitions("llm-a")[-1] == ("Provisioning", "Failed")
+    assert Store().get_lease("llm-a").holder is None
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda c: c["metadata"].pop("name"), "name"),
+    (lambda c: c["metadata"].update(name="Bad_Name"), "['metadata']['name']"),
+    (lambda c: c["spec"].update(type="vm"), "['spec']['type']"),
+    (lambda c: c["spec"].update(model_caches=[{"name": "n", "nfs": {"server": "s", "path": "/x"}}]),
+     "['spec']['model_caches'][0]"),
+    (lambda c: c["spec"]["config"]["ssh"].update(password="hunter2"), "password"),
+    (lambda c: c["spec"]["config"]["ssh"].update(port="22"), "['spec']['config']['ssh']['port']"),
+])
+def test_bad_conf_is_refused_before_a_run_exists(dags, fake, mutate, field):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    cluster = copy.deepcopy(SSH_CLUSTER)
+    mutate(cluster)
+    with pytest.raises(ParamValidationError) as err:
+        run(dags, "airfleet_cluster_create", {"cluster": cluster})
+    assert "cluster" in str(err.value) and field in str(err.value)
+    assert_untouched(fake)
+
+
+def test_what_the_schema_cannot_say_fails_the_validate_task_and_touches_nothing(dags, fake,
+                                                                                capfd, caplog):
+    cluster = copy.deepcopy(SSH_CLUSTER)
+    cluster["spec"]["config"]["ssh"]["workers"] = ["10.0.0.1"]  # the head again
+    dr = run(dags, "airfleet_cluster_create", {"cluster": cluster})
+
+    assert str(dr.state) == "failed"
+    assert states(dr)["validate"] == "failed"
+    assert states(dr)["acquire_lease"] == "upstream_failed"
+    assert "cluster.spec.config.ssh.workers: the head 10.0.0.1 must not be listed" in output(capfd, caplog)
+    assert_untouched(fake)
+
+
+def test_a_type_without_backend_fails_in_validate_and_touches_nothing(dags, fake, monkeypatch,
+                                                                      capfd, caplog):
+    monkeypatch.setenv("AIRFLEET_BACKENDS", f"kubernetes={FAKE}")
+    dr = run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+
+    assert states(dr)["validate"] == "failed"
+    assert "cluster type ssh is not available" in output(capfd, caplog)
+    assert_untouched(fake)
+
+
+def test_a_second_flow_on_a_held_cluster_fails_fast(dags, fake, capfd, caplog):
+    Store().acquire_lease("llm-a", "airfleet_cluster_update/someone-else", ttl=600)
+    dr = run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+
+    assert states(dr)["acquire_lease"] == "failed"
+    assert "cluster llm-a is held by run airfleet_cluster_update/someone-else" in output(capfd, caplog)
+    assert Store().get_cluster("llm-a") is None
+    assert fake.calls() == []
+    assert Store().get_lease("llm-a").holder == "airfleet_cluster_update/someone-else"
+
+
+def test_update_records_the_new_generation_and_converges(dags, fake):
+    run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    desired = copy.deepcopy(SSH_CLUSTER)
+    desired["spec"]["config"]["ssh"]["workers"].append("10.0.0.3")
+    dr = run(dags, "airfleet_cluster_update", {"cluster": desired})
+
+    assert str(dr.state) == "success"
+    record = Store().require_cluster("llm-a")
+    assert record.generation == record.observed_generation == 2
+    assert record.cluster.spec.config.ssh.workers == ["10.0.0.2", "10.0.0.3"]
+    assert len(record.cluster.status.nodes) == 3
+    assert transitions("llm-a")[-2:] == [("Running", "Updating"), ("Updating", "Running")]
+
+
+def test_update_of_an_unknown_cluster_is_refused(dags, fake, capfd, caplog):
+    dr = run(dags, "airfleet_cluster_update", {"cluster": SSH_CLUSTER})
+    assert states(dr)["validate"] == "failed"
+    assert "cluster llm-a is not registered; create or onboard it first" in output(capfd, caplog)
+    assert_untouched(fake)
+
+
+def test_delete_then_delete_again_is_done(dags, fake):
+    run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a"})
+
+    assert str(dr.state) == "success"
+    assert Store().get_cluster("llm-a") is None
+    [gone] = Store().list_clusters(include_deleted=True)
+    assert gone.phase is Phase.DELETED and gone.deleted_at is not None
+    assert transitions("llm-a")[-2:] == [("Running", "Deleting"), ("Deleting", "Deleted")]
+
+    again = run(dags, "airfleet_cluster_delete", {"name": "llm-a"})
+    assert str(again.state) == "success"
+    assert states(again)["teardown"] == "skipped"
+    assert fake.calls().count("teardown") == 1
+
+
+def test_delete_that_leaves_something_behind_says_what(dags, fake):
+    run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    fake.instruct(leftovers={"llm-a": ["10.0.0.2: container airfleet-ray-worker"]})
+    dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a"})
+
+    assert str(dr.state) == "failed"
+    record = Store().require_cluster("llm-a")
+    assert record.phase is Phase.FAILED
+    assert "10.0.0.2: container airfleet-ray-worker" in record.cluster.status.message
+
+
+def test_onboard_discovers_without_setting_up(dags, fake):
+    dr = run(dags, "airfleet_cluster_onboard", {"cluster": SSH_CLUSTER})
+
+    assert str(dr.state) == "success"
+    assert fake.calls() == ["query", "detect_accelerators"]
+    record = Store().require_cluster("llm-a")
+    assert record.phase is Phase.RUNNING and len(record.cluster.status.nodes) == 2
+
+
+def test_health_check_moves_running_and_failed_and_skips_held_clusters(dags, fake):
+    second = copy.deepcopy(SSH_CLUSTER)
+    second["metadata"]["name"] = "llm-b"
+    run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    run(dags, "airfleet_cluster_create", {"cluster": second})
+
+    fake.instruct(unhealthy=["llm-b"])
+    assert str(run(dags, "airfleet_cluster_health_check", {}).state) == "success"
+    assert Store().require_cluster("llm-a").phase is Phase.RUNNING
+    b = Store().require_cluster("llm-b")
+    assert b.phase is Phase.FAILED and b.cluster.status.message == "fake probe: head unreachable"
+
+    fake.instruct(unhealthy=[])
+    Store().acquire_lease("llm-a", "airfleet_cluster_update/busy", ttl=600)
+    run(dags, "airfleet_cluster_health_check", {"names": ["llm-a", "llm-b"]})
+    assert Store().require_cluster("llm-b").phase is Phase.RUNNING
+    assert fake.calls("llm-a").count("health") == 1  # skipped while held
+    assert transitions("llm-b")[-2:] == [("Running", "Failed"), ("Failed", "Running")]
+
+
+def test_a_sealed_credential_goes_to_the_vault_and_its_plaintext_nowhere(dags, fake, capfd, caplog,
+                                                                          airfleet_home):
+    from airfleet import crypto
+    from airfleet.vault import Vault
+
+    crypto.init_keys(airfleet_home / "keys")
+    canary = "canary-" + secrets.token_hex(12)
+    envelope = crypto.seal(crypto.load_public_key(airfleet_home / "keys"), canary.encode())
+    cluster = copy.deepcopy(SSH_CLUSTER)
+    cluster["spec"]["config"]["ssh"]["credential"] = {"sealed": envelope}
+
+    dr = run(dags, "airfleet_cluster_create", {"cluster": cluster})
+    assert str(dr.state) == "success"
+    again = run(dags, "airfleet_cluster_create", {"cluster": cluster})
+    assert str(again.state) == "success"
+
+    ref = Store().require_cluster("llm-a").cluster.spec.config.ssh.credential
+    assert ref.kind == "vault_id" and ref.sealed is None
+    assert Vault.default().get(ref.vault_id) == canary.encode()
+    assert len(Store().secret_ids()) == 1  # the re-run stored no duplicate
+
+    assert canary not in output(capfd, caplog)
+    airflow_home = Path(__import__("os").environ["AIRFLOW_HOME"])
+    for path in [*airfleet_home.rglob("*"), *airflow_home.rglob("*")]:
+        if path.is_file():
+            assert canary.encode() not in path.read_bytes(), f"canary found in {path}"
