@@ -30,6 +30,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"airfleet: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if not isinstance(exc, SQLAlchemyError):
+            raise
+        # The driver's first line only: the full text carries the SQL and its parameters.
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        print(f"airfleet: error: the store failed: {reason} (is the database reachable, and "
+              "created with `airfleet db migrate`?)", file=sys.stderr)
+        return 1
 
 
 # ---- handlers -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import secrets
 from pathlib import Path
 
 from airfleet import config, crypto
-from airfleet.errors import NotFound, VaultError
+from airfleet.errors import VaultError
 from airfleet.store import Store
 
 
@@ -43,11 +43,7 @@ class Vault:
         now, so a wrong key fails the flow before anything is built on it)."""
         crypto.unseal(crypto.load_private_key(self.keys_dir), envelope)
         secret_id = sealed_secret_id(envelope)
-        try:
-            self.store.get_secret(secret_id)
-        except NotFound:
-            self.store.put_secret(secret_id, crypto.envelope_key_id(envelope), envelope,
-                                  description)
+        self.store.put_secret(secret_id, crypto.envelope_key_id(envelope), envelope, description)
         return secret_id
 
     def get(self, secret_id: str) -> bytes:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from airfleet import config, lifecycle
@@ -207,6 +208,10 @@ class Store:
         lease = _locked_lease(s, name)
         if lease is None:
             raise StaleFencingToken(f"cluster {name} has no lease; acquire it before writing")
+        if lease.holder is None:
+            raise StaleFencingToken(
+                f"write to cluster {name} refused: its lease (token {lease.token}) was released "
+                "or broken; acquire it again before writing")
         if token != lease.token or (holder is not None and lease.holder != holder):
             raise StaleFencingToken(
                 f"write to cluster {name} refused: fencing token {token} is stale (the lease "
@@ -273,7 +278,11 @@ class Store:
             s.add(EventRow(cluster=row.name, cluster_uid=row.uid, at=t, kind="Normal",
                            from_phase=None, to_phase=Phase.PENDING.value, reason="Registered",
                            message="cluster registered", run_id=run_id))
-            s.flush()
+            try:
+                s.flush()
+            except IntegrityError:
+                raise Conflict(f"cluster {request.name} was registered by another writer at "
+                               "the same moment; re-read it and try again") from None
             return _record(row), True
 
     def update_spec(self, request: ClusterRequest, *, run_id: str | None, token: int | None,
@@ -302,8 +311,9 @@ class Store:
 
         ``only_if_newer`` (health checks): skip, returning None, when the recorded status was
         observed at or after this one, so an older observation never overwrites a newer one."""
-        status = status.model_copy(update={"observed_at": status.observed_at or now(),
-                                           "last_run_id": run_id})
+        # In UTC: SQLite keeps a datetime's wall clock but not its offset.
+        observed_at = _utc(status.observed_at or now()).astimezone(UTC)
+        status = status.model_copy(update={"observed_at": observed_at, "last_run_id": run_id})
         with self.session() as s:
             if token is not None:
                 self._fence(s, name, token)
@@ -370,10 +380,13 @@ class Store:
 
     # ---- vault secrets (ciphertext only; see airfleet.vault) -----------------------------
 
-    def put_secret(self, secret_id: str, key_id: str, envelope: str, description: str) -> None:
+    def put_secret(self, secret_id: str, key_id: str, envelope: str, description: str) -> bool:
+        """Store a secret; False (and nothing written) when that id is already stored."""
+        insert = self._insert(SecretRow).values(
+            id=secret_id, key_id=key_id, envelope=envelope, description=description,
+            created_at=now()).on_conflict_do_nothing(index_elements=["id"])
         with self.session() as s:
-            s.add(SecretRow(id=secret_id, key_id=key_id, envelope=envelope,
-                            description=description, created_at=now()))
+            return s.execute(insert).rowcount == 1
 
     def get_secret(self, secret_id: str) -> SecretRow:
         with self.session() as s:
