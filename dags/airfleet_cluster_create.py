@@ -10,8 +10,9 @@ metrics) -> detect accelerators -> Running. Re-running converges: what exists is
 
 from __future__ import annotations
 
-from airfleet_airflow import flow
 from airflow.sdk import dag
+
+from airfleet_airflow import flow
 
 
 @dag(dag_id="airfleet_cluster_create", schedule=None, catchup=False, tags=flow.TAGS,

@@ -11,8 +11,9 @@ changes nothing.
 
 from __future__ import annotations
 
-from airfleet_airflow import flow
 from airflow.sdk import dag
+
+from airfleet_airflow import flow
 
 
 @dag(dag_id="airfleet_cluster_delete", schedule=None, catchup=False, tags=flow.TAGS,

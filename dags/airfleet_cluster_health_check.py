@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from airfleet_airflow import flow
 from airflow.sdk import dag, task
+
+from airfleet_airflow import flow
 
 
 @task
 def check_fleet() -> dict[str, str]:
+    from airflow.sdk import get_current_context
+
     from airfleet import flows
     from airfleet.store import Store
-    from airflow.sdk import get_current_context
 
     ctx = get_current_context()
     outcomes = flows.health_check(Store(), f"{ctx['dag'].dag_id}/{ctx['run_id']}",

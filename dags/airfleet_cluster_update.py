@@ -11,8 +11,9 @@ accelerators -> Running.
 
 from __future__ import annotations
 
-from airfleet_airflow import flow
 from airflow.sdk import dag
+
+from airfleet_airflow import flow
 
 
 @dag(dag_id="airfleet_cluster_update", schedule=None, catchup=False, tags=flow.TAGS,

@@ -3,7 +3,8 @@
 These models are the one source of truth: the DAG ``Param`` JSON schemas are generated from
 them (:func:`param_schemas`), so the UI form, the REST API's 400 and the first task's
 validation agree. Rules that span fields (an ssh cluster takes only host_path caches, ...) are
-checked by a validator *and* stated in the JSON schema, and a test keeps the two in step.
+checked by a validator *and* stated in the JSON schema, and a test keeps the two in step
+(tests/unit/test_resources.py lists the few JSON Schema cannot state, in PYDANTIC_ONLY).
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
 
 from airfleet.errors import InvalidRequest
 
@@ -49,6 +53,20 @@ LabelKey = Annotated[
     StringConstraints(pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
                       max_length=316),
 ]
+# pydantic states the key rule as patternProperties; without this, other keys would pass the schema.
+Labels = Annotated[dict[LabelKey, LabelValue],
+                   Field(json_schema_extra={"additionalProperties": False})]
+
+
+def _json_integer(value: Any) -> Any:
+    # JSON Schema's "integer": 22 and 22.0 pass, "22" and true do not (pydantic's lax mode would
+    # coerce them, the Param schema rejects them).
+    if isinstance(value, bool | str | bytes):
+        raise PydanticCustomError("int_type", "Input should be a valid integer", {})
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_json_integer)]
 
 # The vault's envelope: afv1.<key id>.<wrapped AES key>.<nonce>.<ciphertext> (base64url).
 ENVELOPE_PATTERN = r"^afv1\.[0-9a-f]{16}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$"
@@ -63,6 +81,21 @@ PLAINTEXT_SECRET_HINT = (
     "with `airfleet seal`, then give a credential reference: "
     '{"airflow_conn_id": ...} | {"vault_id": ...} | {"sealed": ...}'
 )
+
+
+def _given(*keys: str) -> dict[str, Any]:
+    """JSON schema: each key holds an object (pydantic reads an explicit null as absent)."""
+    return {"required": list(keys), "properties": {k: {"type": "object"} for k in keys}}
+
+
+def _exactly_one_of(*keys: str) -> dict[str, Any]:
+    """JSON schema of a model validator's "exactly one of these optional fields (not null)".
+
+    Each branch fails on the object itself, never on one of its fields, so jsonschema reports
+    the ``oneOf`` at the object's full path instead of descending into a branch.
+    """
+    return {"oneOf": [{"type": "object", "not": {"properties": {k: {"type": "null"}}}}
+                      for k in keys]}
 
 
 class Strict(BaseModel):
@@ -84,7 +117,8 @@ class Strict(BaseModel):
 class CredentialRef(Strict):
     """A reference to a secret: exactly one of the three kinds."""
 
-    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
+    model_config = ConfigDict(
+        json_schema_extra=_exactly_one_of("airflow_conn_id", "vault_id", "sealed"))
 
     airflow_conn_id: Annotated[str, StringConstraints(pattern=CONN_ID_PATTERN)] | None = Field(
         None, description="an Airflow connection id")
@@ -121,7 +155,7 @@ class HostPathCache(Strict):
 class NFSCache(Strict):
     server: Host
     path: Annotated[str, StringConstraints(pattern=r"^/")]
-    read_only: bool = False
+    read_only: StrictBool = False
 
 
 class PVCCache(Strict):
@@ -134,8 +168,7 @@ class PVCCache(Strict):
 class ModelCache(Strict):
     """A place where model weights are cached: exactly one of host_path, nfs, pvc."""
 
-    model_config = ConfigDict(json_schema_extra={
-        "oneOf": [{"required": ["host_path"]}, {"required": ["nfs"]}, {"required": ["pvc"]}]})
+    model_config = ConfigDict(json_schema_extra=_exactly_one_of("host_path", "nfs", "pvc"))
 
     name: Name
     mount_path: Annotated[str, StringConstraints(pattern=r"^/")] | None = Field(
@@ -160,19 +193,19 @@ class RayConfig(Strict):
     image: str = "rayproject/ray:2.60.0"
     version: str = "2.60.0"
     executable: str = Field("ray", description="ray executable, for container_runtime none")
-    gcs_port: int = Field(6379, ge=1, le=65535)
-    dashboard_port: int = Field(8265, ge=1, le=65535)
+    gcs_port: Int = Field(6379, ge=1, le=65535)
+    dashboard_port: Int = Field(8265, ge=1, le=65535)
 
 
 class SSHConfig(Strict):
     head: Host
-    workers: list[Host] = Field(default_factory=list)
-    port: int = Field(22, ge=1, le=65535)
+    workers: list[Host] = Field(default_factory=list, json_schema_extra={"uniqueItems": True})
+    port: Int = Field(22, ge=1, le=65535)
     user: Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_-]*$", max_length=32)] = "root"
     credential: CredentialRef
     container_runtime: Literal["docker", "podman", "none"] = "docker"
     ray: RayConfig = Field(default_factory=RayConfig)
-    drain_deadline_seconds: int = Field(600, ge=1, le=86400)
+    drain_deadline_seconds: Int = Field(600, ge=1, le=86400)
 
     @field_validator("workers")
     @classmethod
@@ -185,8 +218,8 @@ class SSHConfig(Strict):
     def _head_not_a_worker(self) -> SSHConfig:
         if self.head in self.workers:
             raise PydanticCustomError("head_is_worker",
-                                      "workers: the head {head} must not be listed as a worker",
-                                      {"head": self.head})
+                                      "the head {head} must not be listed as a worker",
+                                      {"at": "workers", "head": self.head})
         return self
 
 
@@ -197,7 +230,7 @@ class Ingress(Strict):
 
 class RouterConfig(Strict):
     image: str = "airfleet/router:0.1.0"
-    replicas: int = Field(1, ge=1, le=50)
+    replicas: Int = Field(1, ge=1, le=50)
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     ingress: Ingress | None = None
 
@@ -224,11 +257,11 @@ class Taint(Strict):
 class NodePool(Strict):
     name: Name
     instance_types: list[str] = Field(min_length=1)
-    min: int = Field(0, ge=0)
-    max: int = Field(1, ge=0)
-    desired: int = Field(1, ge=0)
-    gpu: bool = False
-    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    min: Int = Field(0, ge=0)
+    max: Int = Field(1, ge=0)
+    desired: Int = Field(1, ge=0)
+    gpu: StrictBool = False
+    labels: Labels = Field(default_factory=dict)
     taints: list[Taint] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -246,17 +279,23 @@ class EKSConfig(Strict):
     role_arn: Annotated[str, StringConstraints(pattern=r"^arn:aws[a-z-]*:iam::")]
     subnet_ids: list[str] = Field(min_length=1)
     security_group_ids: list[str] = Field(default_factory=list)
-    endpoint_public_access: bool = True
-    endpoint_private_access: bool = False
+    endpoint_public_access: StrictBool = True
+    endpoint_private_access: StrictBool = False
     node_pools: list[NodePool] = Field(default_factory=list)
     tags: dict[str, str] = Field(default_factory=dict)
 
 
 class AKSConfig(Strict):
+    model_config = ConfigDict(json_schema_extra={"allOf": [{"properties": {"node_pools": {
+        "items": {"properties": {"instance_types": {"maxItems": 1}}}}}}]})
+
     credential: CredentialRef = Field(description="an Airflow Azure connection")
     subscription_id: Annotated[str, StringConstraints(
         pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")]
-    resource_group: Annotated[str, StringConstraints(pattern=r"^[-\w._()]{1,90}$")]
+    # ASCII spelled out: \w differs between pydantic's Rust regex and the Param check's Python re
+    # (combining marks, superscript digits, ...).
+    resource_group: Annotated[str, StringConstraints(pattern=r"^[-A-Za-z0-9_.()]{1,90}$")] = Field(
+        description="letters, digits, '_', '.', '(', ')' and '-', at most 90 characters")
     location: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]+$")]
     version: Annotated[str, StringConstraints(pattern=r"^1\.[0-9]+(\.[0-9]+)?$")] = "1.31"
     node_pools: list[NodePool] = Field(default_factory=list)
@@ -265,11 +304,11 @@ class AKSConfig(Strict):
     @field_validator("node_pools")
     @classmethod
     def _one_vm_size(cls, pools: list[NodePool]) -> list[NodePool]:
-        for pool in pools:
+        for i, pool in enumerate(pools):
             if len(pool.instance_types) != 1:
                 raise PydanticCustomError("aks_vm_size",
                                           "pool {pool}: instance_types holds exactly one VM size on AKS",
-                                          {"pool": pool.name})
+                                          {"at": f"{i}.instance_types", "pool": pool.name})
         return pools
 
 
@@ -302,14 +341,15 @@ _SPEC_RULES = {"allOf": [
     {"if": {"properties": {"type": {"const": "ssh"}}},
      "then": {"properties": {
          "provider": {"const": "static"},
-         "model_caches": {"items": {"properties": {"nfs": False, "pvc": False}}}}}},
+         "model_caches": {"items": {"properties": {"nfs": {"type": "null"},
+                                                   "pvc": {"type": "null"}}}}}}},
     {"if": {"properties": {"type": {"const": "kubernetes"}}},
      "then": {"properties": {"provider": {"enum": ["existing", "eks", "aks"]}}}},
     *({"if": {"properties": {"provider": {"const": p.value}}, "required": ["provider"]},
-       "then": {"properties": {"config": {"required": [block]}}}}
+       "then": {"properties": {"config": _given(block)}}}
       for p, block in CONFIG_BLOCK.items()),
     {"if": {"properties": {"provider": {"const": "existing"}}, "required": ["provider"]},
-     "then": {"properties": {"config": {"properties": {"kubernetes": {"required": ["credential"]}}}}}},
+     "then": {"properties": {"config": {"properties": {"kubernetes": _given("credential")}}}}},
 ]}
 
 
@@ -355,7 +395,7 @@ class ClusterSpec(Strict):
 
 class Metadata(Strict):
     name: Name
-    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
 
 
 class ClusterRequest(Strict):
@@ -429,7 +469,8 @@ class ClusterConf(Strict):
 
 class DeleteConf(Strict):
     name: Name
-    force: bool = Field(False, description="delete even when the backend cannot tear down cleanly")
+    force: StrictBool = Field(False,
+                              description="delete even when the backend cannot tear down cleanly")
 
 
 class HealthCheckConf(Strict):
@@ -442,9 +483,31 @@ FLOW_CONF: dict[str, type[Strict]] = {"create": ClusterConf, "update": ClusterCo
                                       "health_check": HealthCheckConf}
 
 
+# Keywords that constrain only values of their own "type", so null can simply join the type list.
+_TYPED_KEYWORDS = frozenset({
+    "type", "title", "description", "pattern", "minLength", "maxLength", "items", "minItems",
+    "maxItems", "uniqueItems", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+
+
+class _ParamSchema(GenerateJsonSchema):
+    """pydantic's JSON schema, with ``X | None`` said without ``anyOf``.
+
+    jsonschema reports an error found inside an ``anyOf`` with a path relative to it, so the
+    REST API's 400 would read "On instance['port']" (or name no field at all) instead of
+    "On instance['spec']['config']['ssh']['port']". ``{"type": ["string", "null"]}`` (the form
+    Airflow documents for optional Params) and ``if null / else X`` report the full path.
+    """
+
+    def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        inner = self.generate_inner(schema["schema"])
+        if isinstance(inner.get("type"), str) and set(inner) <= _TYPED_KEYWORDS:
+            return {**inner, "type": [inner["type"], "null"]}
+        return {"if": {"type": "null"}, "else": inner}
+
+
 def param_schemas(conf_model: type[BaseModel]) -> dict[str, dict[str, Any]]:
     """JSON schema per top-level conf key, self-contained, for ``airflow.sdk.Param(**schema)``."""
-    schema = conf_model.model_json_schema()
+    schema = conf_model.model_json_schema(schema_generator=_ParamSchema)
     defs = schema.get("$defs", {})
     out = {}
     for key, prop in schema["properties"].items():
@@ -453,8 +516,40 @@ def param_schemas(conf_model: type[BaseModel]) -> dict[str, dict[str, Any]]:
                     **{k: v for k, v in prop.items() if k != "$ref"}}
         if defs:
             prop = {**prop, "$defs": defs}
-        out[key] = prop
+        out[key] = _python_re_anchors(prop)
     return out
+
+
+def _python_re_anchors(node: Any) -> Any:
+    """Make each pattern's final ``$`` mean the end of the string for the Param check too.
+
+    pydantic matches patterns with Rust's regex (ECMA-262 reads them the same way), where ``$``
+    is the end of the string; jsonschema runs Python's ``re.search``, where ``$`` also matches
+    before a trailing newline, so ``"llm-a\\n"`` would pass the Param and fail the first task.
+    ``(?!\\n)$`` reads as the end of the string in Python and in ECMA-262 alike.
+    """
+    if isinstance(node, list):
+        return [_python_re_anchors(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "pattern" and isinstance(value, str):
+            value = _end_anchor(value)
+        elif key == "patternProperties" and isinstance(value, dict):
+            value = {_end_anchor(k): _python_re_anchors(v) for k, v in value.items()}
+        else:
+            value = _python_re_anchors(value)
+        out[key] = value
+    return out
+
+
+def _end_anchor(pattern: str) -> str:
+    body = pattern[:-1]
+    escaped = (len(body) - len(body.rstrip("\\"))) % 2 == 1
+    if pattern.endswith("$") and not escaped:
+        return body + r"(?!\n)$"
+    return pattern
 
 
 def parse_conf(conf_model: type[Strict], conf: dict[str, Any]) -> Strict:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from airfleet.resources import FLOW_CONF, param_schemas
 from airflow.sdk import Param, TriggerRule, get_current_context, task
 from airflow.sdk.bases.operator import chain
+
+from airfleet.resources import FLOW_CONF, param_schemas
 
 TAGS = ["airfleet"]
 DEFAULT_ARGS: dict[str, Any] = {"owner": "airfleet", "retries": 0,
@@ -47,8 +48,9 @@ def _store():
 
 def _permanent(exc: Exception) -> Exception:
     """Errors that a retry cannot fix fail the task for good."""
-    from airfleet.errors import AirfleetError, ClusterUnhealthy
     from airflow.sdk.exceptions import AirflowFailException
+
+    from airfleet.errors import AirfleetError, ClusterUnhealthy
 
     if isinstance(exc, AirfleetError) and not isinstance(exc, ClusterUnhealthy):
         return AirflowFailException(str(exc))
@@ -100,8 +102,9 @@ def release_lease(lease: dict[str, Any]) -> None:
 @task
 def policy_precheck(checked: dict[str, Any], action: str) -> list[dict[str, Any]]:
     """Hook point of the governance pre-check: a denial fails the run before any change."""
-    from airfleet import policy
     from airflow.sdk.exceptions import AirflowFailException
+
+    from airfleet import policy
 
     decisions = policy.precheck(action, checked["name"], checked.get("request"))
     for d in decisions:

@@ -58,7 +58,7 @@ def test_dag_parse_time():
                "python": sys.version.split()[0]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
-    print("\nDAG parse time (median of %d, fresh interpreter each):" % RUNS)
+    print(f"\nDAG parse time (median of {RUNS}, fresh interpreter each):")
     for name, seconds in per_file.items():
         flag = "" if seconds < 0.3 else "  OVER TARGET"
         print(f"  {name:40s} {seconds * 1000:7.1f} ms{flag}")

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+
 from airfleet import crypto
 from airfleet.resources import ClusterRequest, ClusterStatus, Phase
 from airfleet.store import Store

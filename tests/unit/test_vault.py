@@ -11,12 +11,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, inspect, select, text, update
+
 from airfleet import config, crypto
 from airfleet.errors import NotFound, VaultError
 from airfleet.store import Store
 from airfleet.store.tables import SecretRow
 from airfleet.vault import Vault, sealed_secret_id
-from sqlalchemy import func, inspect, select, text, update
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,12 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import func, select
+
 from airfleet.errors import LeaseHeld, StaleFencingToken
 from airfleet.resources import ClusterRequest, ClusterStatus, Phase
 from airfleet.store import Store
 from airfleet.store.tables import ClusterRow, EventRow, LeaseRow
-from sqlalchemy import func, select
 
 
 def request(name: str = "alpha", head: str = "10.0.0.1") -> ClusterRequest:

@@ -9,15 +9,16 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import MetaData, func, inspect, select
+
 from airfleet import lifecycle
 from airfleet.errors import Conflict, IllegalTransition, NotFound
 from airfleet.resources import ClusterRequest, ClusterStatus, Phase
 from airfleet.store import Store
 from airfleet.store.migrations import VERSION_TABLE, current_revision
 from airfleet.store.tables import Base, ClusterRow, EventRow
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
-from sqlalchemy import MetaData, func, inspect, select
 
 TABLES = {"airfleet_clusters", "airfleet_events", "airfleet_leases", "airfleet_vault_secrets"}
 
