@@ -21,11 +21,12 @@ def check_fleet() -> dict[str, str]:
     from airflow.sdk import get_current_context
 
     from airfleet import flows
+    from airfleet.resources import HealthCheckConf, parse_conf
     from airfleet.store import Store
 
     ctx = get_current_context()
-    outcomes = flows.health_check(Store(), f"{ctx['dag'].dag_id}/{ctx['run_id']}",
-                                  ctx["params"].get("names"))
+    conf = parse_conf(HealthCheckConf, {"names": ctx["params"].get("names")})
+    outcomes = flows.health_check(Store(), f"{ctx['dag'].dag_id}/{ctx['run_id']}", conf.names)
     for name, outcome in sorted(outcomes.items()):
         print(f"{name}: {outcome}")
     return outcomes

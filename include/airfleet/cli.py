@@ -14,6 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from airfleet import config
 from airfleet.errors import AirfleetError
 
@@ -24,17 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.handler(args) or 0
-    except AirfleetError as exc:
+    except (AirfleetError, OSError, ValueError) as exc:
         print(f"airfleet: error: {exc}", file=sys.stderr)
         return 1
-    except (OSError, ValueError) as exc:
-        print(f"airfleet: error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        from sqlalchemy.exc import SQLAlchemyError
-
-        if not isinstance(exc, SQLAlchemyError):
-            raise
+    except SQLAlchemyError as exc:
         # The driver's first line only: the full text carries the SQL and its parameters.
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         print(f"airfleet: error: the store failed: {reason} (is the database reachable, and "

@@ -21,7 +21,7 @@ from typing import Any
 
 from airfleet import lifecycle
 from airfleet.backends import BackendContext, Observation, get_backend
-from airfleet.errors import ClusterUnhealthy, InvalidRequest, NotFound
+from airfleet.errors import ClusterUnhealthy, Conflict, InvalidRequest
 from airfleet.resources import (
     FLOW_CONF,
     ClusterRequest,
@@ -32,7 +32,6 @@ from airfleet.resources import (
 from airfleet.store import ClusterRecord, Store, now
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -129,6 +128,9 @@ def begin(store: Store, lease: LeaseRef, phase: Phase, reason: str) -> ClusterRe
 def run_verb(store: Store, lease: LeaseRef, verb: str, **kwargs: Any) -> Any:
     """Call one backend verb on the recorded cluster. On failure the cluster is recorded
     Failed with the reason, then the error propagates (the task fails)."""
+    # Renewing first keeps the lease alive through a long flow, and stops at once a run
+    # whose lease was taken over (StaleFencingToken).
+    store.renew_lease(lease.name, lease.holder, lease.token)
     record = store.require_cluster(lease.name)
     backend = get_backend(record.cluster.spec.type)
     ctx = _context(store, lease)
@@ -195,8 +197,11 @@ def _check_one(store: Store, record: ClusterRecord, run_id: str) -> str:
         "phase": phase, "message": seen.message, "observed_at": started,
         "nodes": seen.nodes or record.cluster.status.nodes,
         "conditions": seen.conditions or record.cluster.status.conditions})
-    written = store.set_status(record.name, status, reason="HealthCheck", run_id=run_id,
-                               expected_version=record.version, only_if_newer=True)
+    try:
+        written = store.set_status(record.name, status, reason="HealthCheck", run_id=run_id,
+                                   expected_version=record.version, only_if_newer=True)
+    except Conflict:  # a flow wrote meanwhile: its status is newer than this probe
+        return "skipped: changed while probing"
     return phase.value if written else "skipped: a newer status is recorded"
 
 
@@ -211,7 +216,7 @@ def store_sealed_credentials(request: ClusterRequest,
     def walk(node: Any, path: str) -> Any:
         nonlocal found
         if isinstance(node, dict):
-            if set(node) >= {"sealed"} and node.get("sealed"):
+            if node.get("sealed"):
                 found = True
                 if vault_put is None:
                     raise InvalidRequest(f"{path}: sealed credentials need the vault")
@@ -260,8 +265,5 @@ def _update_status(store: Store, lease: LeaseRef, **changes: Any) -> ClusterReco
 
 def _set_phase(store: Store, lease: LeaseRef, phase: Phase, reason: str,
                message: str) -> ClusterRecord:
-    try:
-        return store.transition(lease.name, phase, reason=reason, message=message,
-                                run_id=lease.holder, token=lease.token)
-    except NotFound:
-        raise NotFound(f"cluster {lease.name} is not registered") from None
+    return store.transition(lease.name, phase, reason=reason, message=message,
+                            run_id=lease.holder, token=lease.token)

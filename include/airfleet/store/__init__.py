@@ -345,12 +345,6 @@ class Store:
         return self.set_status(name, status, reason=reason, run_id=run_id, token=token,
                                expected_version=record.version)
 
-    def record_event(self, name: str, reason: str, message: str, *, run_id: str | None,
-                     kind: str = "Normal") -> None:
-        with self.session() as s:
-            row = self._require_live(s, name)
-            s.add(_event(row, kind, None, None, reason, message, run_id))
-
     def events(self, name: str) -> list[Event]:
         """The history of every incarnation of ``name``, oldest first."""
         query = select(EventRow).where(EventRow.cluster == name).order_by(EventRow.id)

@@ -1,0 +1,128 @@
+"""The shared flow steps of ``airfleet.flows`` without Airflow: what happens when a run dies
+mid-way, loses its lease, or races a health check."""
+
+from __future__ import annotations
+
+import pytest
+
+from airfleet import flows
+from airfleet.backends import Observation
+from airfleet.errors import StaleFencingToken
+from airfleet.resources import ClusterRequest, ClusterStatus, Phase
+from airfleet.store import Store
+from tests.fakes.recording_backend import RecordingBackend
+
+REQUEST = {"metadata": {"name": "llm-a"},
+           "spec": {"type": "ssh", "provider": "static",
+                    "config": {"ssh": {"head": "10.0.0.1",
+                                       "credential": {"airflow_conn_id": "ssh"}}}}}
+
+
+class RacingBackend(RecordingBackend):
+    """Its health probe is overtaken by a flow that writes the cluster meanwhile."""
+
+    def health(self, cluster, ctx):
+        store = Store()
+        record = store.require_cluster(cluster.name)
+        store.set_status(cluster.name, record.cluster.status.model_copy(
+            update={"message": "written by a flow during the probe"}),
+            reason="Progress", run_id="someone")
+        return Observation(healthy=False, message="probe says down")
+
+
+@pytest.fixture
+def store(airfleet_home, monkeypatch):
+    monkeypatch.setenv("AIRFLEET_BACKENDS", "ssh=tests.fakes.recording_backend:RecordingBackend")
+    s = Store()
+    s.migrate()
+    return s
+
+
+def _running(store: Store) -> None:
+    lease = flows.acquire(store, "llm-a", "create/1")
+    flows.register(store, lease, REQUEST)
+    flows.finish(store, lease, Phase.RUNNING, "Created")
+    flows.release(store, lease)
+
+
+def test_release_turns_a_transient_phase_left_by_a_dead_run_into_failed(store):
+    lease = flows.acquire(store, "llm-a", "create/1")
+    flows.register(store, lease, REQUEST)
+    flows.begin(store, lease, Phase.PROVISIONING, "Create")
+    # ... the task running the backend was killed here; the teardown still runs:
+    flows.release(store, lease)
+
+    record = store.require_cluster("llm-a")
+    assert record.phase is Phase.FAILED
+    assert "run create/1 ended while the cluster was Provisioning" in record.cluster.status.message
+    assert store.get_lease("llm-a").holder is None
+
+
+def test_a_run_whose_lease_was_taken_over_changes_nothing(store):
+    old = flows.acquire(store, "llm-a", "create/1")
+    flows.register(store, old, REQUEST)
+    store.break_lease("llm-a")
+    new = flows.acquire(store, "llm-a", "delete/2")
+    assert new.token > old.token
+
+    with pytest.raises(StaleFencingToken):
+        flows.begin(store, old, Phase.PROVISIONING, "Create")
+    with pytest.raises(StaleFencingToken):
+        flows.run_verb(store, old, "apply")
+    flows.release(store, old)  # not ours any more: frees nothing
+
+    assert store.require_cluster("llm-a").phase is Phase.PENDING
+    assert store.get_lease("llm-a").holder == "delete/2"
+
+
+def test_an_unhealthy_apply_fails_the_step_and_records_why(store, monkeypatch):
+    class Unhealthy(RecordingBackend):
+        def apply(self, cluster, ctx):
+            return Observation(healthy=False, message="worker 10.0.0.2 never joined")
+
+    monkeypatch.setattr(RecordingBackend, "apply", Unhealthy.apply)
+    lease = flows.acquire(store, "llm-a", "create/1")
+    flows.register(store, lease, REQUEST)
+    flows.begin(store, lease, Phase.PROVISIONING, "Create")
+    with pytest.raises(Exception, match="worker 10.0.0.2 never joined"):
+        flows.run_verb(store, lease, "apply")
+    record = store.require_cluster("llm-a")
+    assert record.phase is Phase.FAILED
+    assert record.cluster.status.message == "apply failed: worker 10.0.0.2 never joined"
+
+
+def test_a_health_check_never_overwrites_what_a_flow_wrote_during_the_probe(store, monkeypatch):
+    _running(store)
+    monkeypatch.setenv("AIRFLEET_BACKENDS", "ssh=tests.unit.test_flows:RacingBackend")
+
+    assert flows.health_check(store, "health/1") == {"llm-a": "skipped: changed while probing"}
+    record = store.require_cluster("llm-a")
+    assert record.phase is Phase.RUNNING
+    assert record.cluster.status.message == "written by a flow during the probe"
+
+
+def test_a_health_check_skips_older_observations_and_unknown_names(store):
+    _running(store)
+    future = store.require_cluster("llm-a").cluster.status.observed_at.replace(year=2999)
+    store.set_status("llm-a", ClusterStatus(phase=Phase.RUNNING, observed_at=future),
+                     reason="Progress", run_id="x")
+
+    outcome = flows.health_check(store, "health/1", ["llm-a", "nope"])
+    assert outcome == {"llm-a": "skipped: a newer status is recorded", "nope": "not registered"}
+
+
+def test_sealed_credentials_are_swapped_for_vault_ids():
+    envelope = "afv1." + "0" * 16 + ".a.b.c"
+    request = ClusterRequest.model_validate(
+        {**REQUEST, "spec": {**REQUEST["spec"], "config": {"ssh": {
+            "head": "10.0.0.1", "credential": {"sealed": envelope}}}}})
+    stored = {}
+
+    def vault_put(env: str, where: str) -> str:
+        stored[where] = env
+        return "vlt_" + "1" * 32
+
+    out = flows.store_sealed_credentials(request, vault_put)
+    assert out.spec.config.ssh.credential.vault_id == "vlt_" + "1" * 32
+    assert out.spec.config.ssh.credential.sealed is None
+    assert stored == {"cluster.spec.config.ssh.credential": envelope}
