@@ -15,7 +15,7 @@ Shape of a mutating flow (the DAGs in ``dags/`` wire these as tasks)::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from airfleet.backends import BackendContext, Observation, get_backend
 from airfleet.errors import ClusterUnhealthy, Conflict, InvalidRequest
 from airfleet.resources import (
     FLOW_CONF,
+    Cluster,
     ClusterRequest,
     NodeStatus,
     Phase,
@@ -32,6 +33,9 @@ from airfleet.resources import (
 from airfleet.store import ClusterRecord, Store, now
 
 log = logging.getLogger(__name__)
+
+# Builds the clients a backend needs for a cluster (from Airflow hooks, in the plugin layer).
+ClientsFor = Callable[[Cluster], Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,8 @@ def begin(store: Store, lease: LeaseRef, phase: Phase, reason: str) -> ClusterRe
     return _set_phase(store, lease, phase, reason, f"{reason} by {lease.holder}")
 
 
-def run_verb(store: Store, lease: LeaseRef, verb: str, **kwargs: Any) -> Any:
+def run_verb(store: Store, lease: LeaseRef, verb: str, clients_for: ClientsFor | None = None,
+             **kwargs: Any) -> Any:
     """Call one backend verb on the recorded cluster. On failure the cluster is recorded
     Failed with the reason, then the error propagates (the task fails)."""
     # Renewing first keeps the lease alive through a long flow, and stops at once a run
@@ -133,7 +138,7 @@ def run_verb(store: Store, lease: LeaseRef, verb: str, **kwargs: Any) -> Any:
     store.renew_lease(lease.name, lease.holder, lease.token)
     record = store.require_cluster(lease.name)
     backend = get_backend(record.cluster.spec.type)
-    ctx = _context(store, lease)
+    ctx = _context(store, lease, clients_for(record.cluster) if clients_for else {})
     try:
         result = getattr(backend, verb)(record.cluster, ctx, **kwargs)
         if isinstance(result, Observation):
@@ -166,7 +171,14 @@ def delete_done(store: Store, lease: LeaseRef, leftovers: list[str]) -> ClusterR
 
 # ---- health (no lease) --------------------------------------------------------------------
 
-def health_check(store: Store, run_id: str, names: list[str] | None = None) -> dict[str, str]:
+# A Running cluster turns Failed only after this many failed probes in a row, so one missed
+# probe of a flapping node does not flip it (a probe runs every 5 minutes: Failed within 10).
+# One good probe brings a Failed cluster back to Running.
+FAILED_PROBES_TO_FAIL = 2
+
+
+def health_check(store: Store, run_id: str, names: list[str] | None = None,
+                 clients_for: ClientsFor | None = None) -> dict[str, str]:
     """Probe every managed cluster (or ``names``) and apply Running <-> Failed.
 
     Clusters held by a running flow or in a transient phase are skipped; an observation older
@@ -175,13 +187,14 @@ def health_check(store: Store, run_id: str, names: list[str] | None = None) -> d
     for record in store.list_clusters():
         if names and record.name not in names:
             continue
-        outcomes[record.name] = _check_one(store, record, run_id)
+        outcomes[record.name] = _check_one(store, record, run_id, clients_for)
     for missing in sorted(set(names or []) - set(outcomes)):
         outcomes[missing] = "not registered"
     return outcomes
 
 
-def _check_one(store: Store, record: ClusterRecord, run_id: str) -> str:
+def _check_one(store: Store, record: ClusterRecord, run_id: str,
+               clients_for: ClientsFor | None) -> str:
     if record.phase in lifecycle.TRANSIENT or record.phase is Phase.PENDING:
         return f"skipped: {record.phase}"
     lease = store.get_lease(record.name)
@@ -189,12 +202,13 @@ def _check_one(store: Store, record: ClusterRecord, run_id: str) -> str:
         return f"skipped: held by {lease.holder}"
     started = now()
     try:
-        seen = get_backend(record.cluster.spec.type).health(record.cluster, BackendContext(run_id))
+        ctx = BackendContext(run_id, clients=clients_for(record.cluster) if clients_for else {})
+        seen = get_backend(record.cluster.spec.type).health(record.cluster, ctx)
     except Exception as exc:  # a probe that breaks is a failed check, not a failed run
         seen = Observation(healthy=False, message=f"health probe failed: {exc}")
-    phase = Phase.RUNNING if seen.healthy else Phase.FAILED
+    phase, misses, message = _verdict(record, seen)
     status = record.cluster.status.model_copy(update={
-        "phase": phase, "message": seen.message, "observed_at": started,
+        "phase": phase, "message": message, "observed_at": started, "failed_probes": misses,
         "nodes": seen.nodes or record.cluster.status.nodes,
         "conditions": seen.conditions or record.cluster.status.conditions})
     try:
@@ -203,6 +217,17 @@ def _check_one(store: Store, record: ClusterRecord, run_id: str) -> str:
     except Conflict:  # a flow wrote meanwhile: its status is newer than this probe
         return "skipped: changed while probing"
     return phase.value if written else "skipped: a newer status is recorded"
+
+
+def _verdict(record: ClusterRecord, seen: Observation) -> tuple[Phase, int, str]:
+    """The phase a probe leads to, the failed probes in a row, and the message to record."""
+    if seen.healthy:
+        return Phase.RUNNING, 0, seen.message
+    misses = record.cluster.status.failed_probes + 1
+    if record.phase is Phase.RUNNING and misses < FAILED_PROBES_TO_FAIL:
+        return Phase.RUNNING, misses, (f"probe failed ({misses} of {FAILED_PROBES_TO_FAIL} "
+                                       f"before Failed): {seen.message}")
+    return Phase.FAILED, misses, seen.message
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -231,14 +256,14 @@ def store_sealed_credentials(request: ClusterRequest,
     return ClusterRequest.model_validate(data) if found else request
 
 
-def _context(store: Store, lease: LeaseRef) -> BackendContext:
+def _context(store: Store, lease: LeaseRef, clients: Mapping[str, Any]) -> BackendContext:
     def report_node(node: NodeStatus) -> None:
         node = node.model_copy(update={"observed_at": node.observed_at or now()})
         record = store.require_cluster(lease.name)
         nodes = [n for n in record.cluster.status.nodes if n.name != node.name] + [node]
         _update_status(store, lease, nodes=nodes)
 
-    return BackendContext(run_id=lease.holder, report_node=report_node)
+    return BackendContext(run_id=lease.holder, clients=clients, report_node=report_node)
 
 
 def _record_observation(store: Store, lease: LeaseRef, seen: Observation) -> None:

@@ -444,6 +444,8 @@ class ClusterStatus(BaseModel):
     nodes: list[NodeStatus] = Field(default_factory=list)
     accelerators: dict[str, Any] = Field(default_factory=dict)
     conditions: list[Condition] = Field(default_factory=list)
+    # Health probes that failed in a row (reset by a good one); see flows.FAILED_PROBES_TO_FAIL.
+    failed_probes: int = 0
     last_run_id: str | None = None
 
 

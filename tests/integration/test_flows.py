@@ -250,6 +250,8 @@ def test_health_check_moves_running_and_failed_and_skips_held_clusters(dags, fak
 
     fake.instruct(unhealthy=["llm-b"])
     assert str(run(dags, "airfleet_cluster_health_check", {}).state) == "success"
+    assert Store().require_cluster("llm-b").phase is Phase.RUNNING  # one miss is not enough
+    assert str(run(dags, "airfleet_cluster_health_check", {}).state) == "success"
     assert Store().require_cluster("llm-a").phase is Phase.RUNNING
     b = Store().require_cluster("llm-b")
     assert b.phase is Phase.FAILED and b.cluster.status.message == "fake probe: head unreachable"
@@ -258,7 +260,7 @@ def test_health_check_moves_running_and_failed_and_skips_held_clusters(dags, fak
     Store().acquire_lease("llm-a", "airfleet_cluster_update/busy", ttl=600)
     run(dags, "airfleet_cluster_health_check", {"names": ["llm-a", "llm-b"]})
     assert Store().require_cluster("llm-b").phase is Phase.RUNNING
-    assert fake.calls("llm-a").count("health") == 1  # skipped while held
+    assert fake.calls("llm-a").count("health") == 2  # skipped while held
     assert transitions("llm-b")[-2:] == [("Running", "Failed"), ("Failed", "Running")]
 
 

@@ -126,3 +126,29 @@ def test_sealed_credentials_are_swapped_for_vault_ids():
     assert out.spec.config.ssh.credential.vault_id == "vlt_" + "1" * 32
     assert out.spec.config.ssh.credential.sealed is None
     assert stored == {"cluster.spec.config.ssh.credential": envelope}
+
+
+def test_one_missed_probe_does_not_flip_a_running_cluster(store, monkeypatch, tmp_path):
+    _running(store)
+    state = tmp_path / "state.json"
+    monkeypatch.setenv("AIRFLEET_FAKE_BACKEND_STATE", str(state))
+    state.write_text('{"unhealthy": ["llm-a"]}')
+
+    assert flows.health_check(store, "health/1") == {"llm-a": "Running"}
+    record = store.require_cluster("llm-a")
+    assert record.cluster.status.failed_probes == 1
+    assert record.cluster.status.message.startswith("probe failed (1 of 2 before Failed)")
+
+    state.write_text('{"unhealthy": []}')  # the flap is over: the count starts again
+    assert flows.health_check(store, "health/2") == {"llm-a": "Running"}
+    assert store.require_cluster("llm-a").cluster.status.failed_probes == 0
+
+    state.write_text('{"unhealthy": ["llm-a"]}')
+    assert flows.health_check(store, "health/3") == {"llm-a": "Running"}
+    assert flows.health_check(store, "health/4") == {"llm-a": "Failed"}
+    assert flows.health_check(store, "health/5") == {"llm-a": "Failed"}
+    state.write_text('{"unhealthy": []}')
+    assert flows.health_check(store, "health/6") == {"llm-a": "Running"}
+    phases = [(e.from_phase, e.to_phase) for e in store.events("llm-a") if e.kind == "Transition"]
+    # the second identical failure is no news: no Failed -> Failed entry for it
+    assert phases[-2:] == [("Running", "Failed"), ("Failed", "Running")]

@@ -328,7 +328,10 @@ class Store:
                 values["observed_generation"] = observed_generation
             if status.phase is Phase.DELETED:
                 values["deleted_at"] = now()
-            if status.phase != current or status.phase is Phase.FAILED:
+            # Failed -> Failed is history only when the reason changed (a health check that
+            # sees the same failure every 5 minutes adds nothing).
+            if status.phase != current or (status.phase is Phase.FAILED
+                                           and status.message != row.status.get("message")):
                 step = lifecycle.transition(name, current, status.phase, reason=reason,
                                             run_id=run_id)
                 s.add(_event(row, "Transition", step.from_phase, step.to_phase, reason,

@@ -257,8 +257,8 @@ def test_every_transition_is_appended_to_the_history(store: Store):
             # A write that keeps the phase is no transition and adds no event.
             store.set_status("alpha", status(Phase.RUNNING, "still fine"), reason="Progress",
                              run_id=run_id)
-        written = store.set_status("alpha", status(phase, f"now {phase}"), reason=reason,
-                                   run_id=run_id)
+        written = store.set_status("alpha", status(phase, f"now {phase} ({run_id})"),
+                                   reason=reason, run_id=run_id)
         assert written.phase is phase
         assert written.cluster.status.last_run_id == run_id
         assert written.cluster.status.observed_at is not None
@@ -279,7 +279,7 @@ def test_every_transition_is_appended_to_the_history(store: Store):
     assert stamps == sorted(stamps)
     assert all(start <= at <= end and at.utcoffset() == timedelta(0) for at in stamps)
     assert [e.message for e in events if e.kind == "Transition"][:2] == [
-        "now Provisioning", "now Running"]
+        "now Provisioning (run-1)", "now Running (run-1)"]
 
 
 def test_deleted_sets_deleted_at_and_frees_the_name(store: Store):
@@ -386,3 +386,15 @@ def test_list_clusters_filters_by_phase_and_hides_deleted(store: Store):
     assert names(include_deleted=True) == ["alpha", "bravo", "charlie", "delta"]
     with pytest.raises(ValueError):
         store.list_clusters(phase="Exploded")
+
+
+def test_the_same_failure_again_adds_no_history(store: Store):
+    store.register_cluster(request(), run_id="run-0", token=None)
+    store.set_status("alpha", status(Phase.FAILED, "head unreachable"), reason="HealthCheck",
+                     run_id="health-1")
+    store.set_status("alpha", status(Phase.FAILED, "head unreachable"), reason="HealthCheck",
+                     run_id="health-2")
+    store.set_status("alpha", status(Phase.FAILED, "worker 2 down"), reason="HealthCheck",
+                     run_id="health-3")
+    assert [(f, t, run) for f, t, _, run in transitions(store, "alpha")] == [
+        ("Pending", "Failed", "health-1"), ("Failed", "Failed", "health-3")]
