@@ -4,8 +4,9 @@
 Conf: `{"cluster": {"metadata": {"name": ...}, "spec": {...}}}` (see README).
 
 validate -> lease -> policy `create_cluster` -> register -> Provisioning -> provision
-(eks/aks) -> set up (ssh: Ray head then workers; kubernetes: namespace, pull secret, router,
-metrics) -> detect accelerators -> Running. Re-running converges: what exists is adopted.
+(eks/aks) -> detect accelerators (Ray nodes start with the GPUs found) -> set up (ssh: Ray head,
+then the workers; kubernetes: namespace, pull secret, router, metrics) -> Running. Re-running
+converges: what exists is adopted.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def airfleet_cluster_create():
         flow.register(checked, lease),
         flow.begin.override(task_id="provisioning")(lease, "Provisioning", "Create"),
         flow.backend_step.override(task_id="provision")(lease, "provision"),
-        flow.backend_step.override(task_id="apply")(lease, "apply"),
         flow.backend_step.override(task_id="detect_accelerators")(lease, "detect_accelerators"),
+        flow.backend_step.override(task_id="apply")(lease, "apply"),
         flow.finish.override(task_id="running")(lease, "Running", "Created"),
     )
 

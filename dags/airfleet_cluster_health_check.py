@@ -23,10 +23,12 @@ def check_fleet() -> dict[str, str]:
     from airfleet import flows
     from airfleet.resources import HealthCheckConf, parse_conf
     from airfleet.store import Store
+    from airfleet_airflow.clients import clients_for
 
     ctx = get_current_context()
     conf = parse_conf(HealthCheckConf, {"names": ctx["params"].get("names")})
-    outcomes = flows.health_check(Store(), f"{ctx['dag'].dag_id}/{ctx['run_id']}", conf.names)
+    outcomes = flows.health_check(Store(), f"{ctx['dag'].dag_id}/{ctx['run_id']}", conf.names,
+                                  clients_for)
     for name, outcome in sorted(outcomes.items()):
         print(f"{name}: {outcome}")
     return outcomes

@@ -5,8 +5,9 @@ Conf: `{"cluster": <the whole desired cluster>}`; the cluster must be registered
 type and provider.
 
 validate -> lease -> policy `update_cluster` -> record the desired spec (generation + 1 when it
-changed) -> Updating -> converge (ssh: new workers join, removed workers are drained) -> detect
-accelerators -> Running.
+changed) -> Updating -> detect accelerators -> drain the removed workers (`ray drain-node`,
+waiting in the triggerer up to the spec's `drain_deadline_seconds`, then a forced stop) ->
+converge (new workers join) -> Running. A changed head is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from airflow.sdk import dag
 
 from airfleet_airflow import flow
+from airfleet_airflow.operators import RayDrainNodesOperator
 
 
 @dag(dag_id="airfleet_cluster_update", schedule=None, catchup=False, tags=flow.TAGS,
@@ -26,8 +28,9 @@ def airfleet_cluster_update():
         flow.policy_precheck(checked, "update_cluster"),
         flow.record_desired(checked, lease),
         flow.begin.override(task_id="updating")(lease, "Updating", "Update"),
-        flow.backend_step.override(task_id="apply")(lease, "apply"),
         flow.backend_step.override(task_id="detect_accelerators")(lease, "detect_accelerators"),
+        RayDrainNodesOperator(task_id="drain_removed_workers", lease=lease),
+        flow.backend_step.override(task_id="apply")(lease, "apply"),
         flow.finish.override(task_id="running")(lease, "Running", "Updated"),
     )
 

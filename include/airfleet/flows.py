@@ -77,6 +77,7 @@ def validate(action: str, conf: dict[str, Any], store: Store | None = None) -> d
                 record.cluster.spec.provider != request.spec.provider:
             raise InvalidRequest("cluster.spec.type: a cluster's type and provider cannot "
                                  "change; delete it and create a new one")
+        backend.validate_update(record.cluster, request.spec)
     return {"name": request.name, "request": request.model_dump(mode="json")}
 
 
@@ -263,7 +264,12 @@ def _context(store: Store, lease: LeaseRef, clients: Mapping[str, Any]) -> Backe
         nodes = [n for n in record.cluster.status.nodes if n.name != node.name] + [node]
         _update_status(store, lease, nodes=nodes)
 
-    return BackendContext(run_id=lease.holder, clients=clients, report_node=report_node)
+    def record_event(reason: str, message: str, kind: str) -> None:
+        store.record_event(lease.name, reason, message, run_id=lease.holder, kind=kind,
+                           token=lease.token)
+
+    return BackendContext(run_id=lease.holder, clients=clients, report_node=report_node,
+                          record_event=record_event)
 
 
 def _record_observation(store: Store, lease: LeaseRef, seen: Observation) -> None:

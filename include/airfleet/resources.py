@@ -202,7 +202,12 @@ class SSHConfig(Strict):
     workers: list[Host] = Field(default_factory=list, json_schema_extra={"uniqueItems": True})
     port: Int = Field(22, ge=1, le=65535)
     user: Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_-]*$", max_length=32)] = "root"
-    credential: CredentialRef
+    credential: CredentialRef = Field(description="the SSH private key: an Airflow SSH "
+                                      "connection, or a vault/sealed secret")
+    known_hosts: str | None = Field(
+        None, max_length=65536,
+        description="known_hosts lines pinning the nodes' host keys (public data); without "
+                    "it the SSH connection's host_key extra pins them")
     container_runtime: Literal["docker", "podman", "none"] = "docker"
     ray: RayConfig = Field(default_factory=RayConfig)
     drain_deadline_seconds: Int = Field(600, ge=1, le=86400)

@@ -41,10 +41,14 @@ class Vault:
     def put_sealed(self, envelope: str, description: str = "") -> str:
         """Store an envelope sealed by a client; it must open with this vault's key (checked
         now, so a wrong key fails the flow before anything is built on it)."""
-        crypto.unseal(crypto.load_private_key(self.keys_dir), envelope)
+        self.open_sealed(envelope)
         secret_id = sealed_secret_id(envelope)
         self.store.put_secret(secret_id, crypto.envelope_key_id(envelope), envelope, description)
         return secret_id
+
+    def open_sealed(self, envelope: str) -> bytes:
+        """The plaintext of an envelope not (yet) stored: a flow checking its input."""
+        return crypto.unseal(crypto.load_private_key(self.keys_dir), envelope)
 
     def get(self, secret_id: str) -> bytes:
         row = self.store.get_secret(secret_id)

@@ -73,11 +73,16 @@ def _vault_put():
 def validate(action: str) -> dict[str, Any]:
     """Check the conf against the models and the backend; reads only, writes nothing."""
     from airfleet import flows
+    from airfleet.resources import Cluster
+    from airfleet_airflow.clients import clients_for
 
     params = get_current_context()["params"]
     conf = {key: params[key] for key in FLOW_CONF[action].model_fields if key in params}
     try:
-        return flows.validate(action, conf, _store())
+        checked = flows.validate(action, conf, _store())
+        if checked["request"] is not None:  # credentials resolve before anything is touched
+            clients_for(Cluster.model_validate(checked["request"]))
+        return checked
     except Exception as exc:
         raise _permanent(exc) from None
 
@@ -153,9 +158,10 @@ def begin(lease: dict[str, Any], phase: str, reason: str) -> None:
 def backend_step(lease: dict[str, Any], verb: str) -> None:
     """One backend verb (provision, apply, query, detect_accelerators)."""
     from airfleet import flows
+    from airfleet_airflow.clients import clients_for
 
     try:
-        flows.run_verb(_store(), _lease(lease), verb)
+        flows.run_verb(_store(), _lease(lease), verb, clients_for)
     except Exception as exc:
         raise _permanent(exc) from None
 
@@ -180,10 +186,12 @@ def is_registered(lease: dict[str, Any]) -> bool:
 @task
 def teardown(checked: dict[str, Any], lease: dict[str, Any]) -> None:
     from airfleet import flows
+    from airfleet_airflow.clients import clients_for
 
     store, ref = _store(), _lease(lease)
     try:
-        leftovers = flows.run_verb(store, ref, "teardown", force=bool(checked.get("force")))
+        leftovers = flows.run_verb(store, ref, "teardown", clients_for,
+                                   force=bool(checked.get("force")))
         record = flows.delete_done(store, ref, leftovers or [])
     except Exception as exc:
         raise _permanent(exc) from None

@@ -202,4 +202,4 @@ def test_create_then_delete_over_rest(client, dags_parsed, airflow):
                       ("Running", "Deleting"), ("Deleting", "Deleted")]
     calls = [json.loads(line)["verb"]
              for line in (airflow["home"] / "calls.jsonl").read_text().splitlines()]
-    assert calls == ["provision", "apply", "detect_accelerators", "teardown"]
+    assert calls == ["provision", "detect_accelerators", "apply", "teardown"]

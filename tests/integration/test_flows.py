@@ -95,7 +95,7 @@ def test_create_runs_every_step_records_history_and_releases_the_lease(dags, fak
     assert [n.name for n in record.cluster.status.nodes] == ["head", "worker-0"]
     assert all(n.observed_at for n in record.cluster.status.nodes)
     assert "nvidia.com/gpu" in record.cluster.status.accelerators
-    assert fake.calls() == ["provision", "apply", "detect_accelerators"]
+    assert fake.calls() == ["provision", "detect_accelerators", "apply"]
     assert transitions("llm-a") == [(None, "Pending"), ("Pending", "Provisioning"),
                                     ("Provisioning", "Running")]
     run_ids = {e.run_id for e in Store().events("llm-a")}
@@ -126,7 +126,7 @@ def test_a_failing_step_fails_the_run_records_why_and_still_releases(dags, fake)
     record = Store().require_cluster("llm-a")
     assert record.phase is Phase.FAILED
     assert "apply failed: fake backend told to fail at apply" in record.cluster.status.message
-    assert fake.calls() == ["provision", "apply"]
+    assert fake.calls() == ["provision", "detect_accelerators", "apply"]
     assert transitions("llm-a")[-1] == ("Provisioning", "Failed")
     assert Store().get_lease("llm-a").holder is None
 
@@ -166,11 +166,14 @@ def test_what_the_schema_cannot_say_fails_the_validate_task_and_touches_nothing(
 
 def test_a_type_without_backend_fails_in_validate_and_touches_nothing(dags, fake, monkeypatch,
                                                                       capfd, caplog):
-    monkeypatch.setenv("AIRFLEET_BACKENDS", f"kubernetes={FAKE}")
-    dr = run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    monkeypatch.setenv("AIRFLEET_BACKENDS", f"ssh={FAKE}")  # no kubernetes backend yet
+    cluster = {"metadata": {"name": "llm-a"},
+               "spec": {"type": "kubernetes", "provider": "existing", "config": {"kubernetes": {
+                   "credential": {"airflow_conn_id": "k8s"}}}}}
+    dr = run(dags, "airfleet_cluster_create", {"cluster": cluster})
 
     assert states(dr)["validate"] == "failed"
-    assert "cluster type ssh is not available" in output(capfd, caplog)
+    assert "cluster type kubernetes is not available" in output(capfd, caplog)
     assert_untouched(fake)
 
 

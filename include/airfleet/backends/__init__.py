@@ -24,7 +24,7 @@ from airfleet.resources import Cluster, ClusterSpec, Condition, NodeStatus
 log = logging.getLogger(__name__)
 
 # cluster type -> "module:Class". The product backends register here as they land.
-BUILTIN: dict[str, str] = {}
+BUILTIN: dict[str, str] = {"ssh": "airfleet.backends.ssh.backend:SSHBackend"}
 ENV_VAR = "AIRFLEET_BACKENDS"
 
 
@@ -51,6 +51,8 @@ class BackendContext:
     run_id: str
     clients: Mapping[str, Any] = field(default_factory=dict)
     report_node: Callable[[NodeStatus], None] = lambda node: None
+    # (reason, message, kind "Normal" | "Warning"): a note in the cluster's history.
+    record_event: Callable[[str, str, str], None] = lambda reason, message, kind: None
     log: logging.Logger = log
 
 
@@ -58,9 +60,15 @@ class Backend:
     """The verbs of a cluster type. A verb a backend cannot do raises :class:`NotSupported`."""
 
     cluster_type: ClassVar[str]
+    # Clients the plugin layer builds for each verb (see airfleet_airflow.clients.BUILDERS).
+    clients: ClassVar[tuple[str, ...]] = ()
 
     def validate(self, spec: ClusterSpec) -> None:
         """Checks beyond the schema that need no I/O; raise InvalidRequest naming the field."""
+
+    def validate_update(self, recorded: Cluster, desired: ClusterSpec) -> None:
+        """Refuse a change the backend cannot make in place; raise InvalidRequest naming the
+        field."""
 
     def provision(self, cluster: Cluster, ctx: BackendContext) -> None:
         """Create the underlying infrastructure (managed Kubernetes); no-op where none."""
@@ -80,8 +88,17 @@ class Backend:
     def detect_accelerators(self, cluster: Cluster, ctx: BackendContext) -> dict[str, Any]:
         raise self._unsupported("detect_accelerators")
 
-    def drain_node(self, cluster: Cluster, node: str, ctx: BackendContext) -> None:
-        raise self._unsupported("drain_node")
+    def drain_nodes(self, cluster: Cluster, ctx: BackendContext) -> dict[str, Any]:
+        """Start a graceful drain of every recorded node the spec no longer lists.
+
+        Returns ``{"removed": [addresses], "nodes": {address: id being drained},
+        "dashboard_url": ..., "deadline_seconds": ...}``; a type whose nodes are not ours to
+        remove (Kubernetes) has nothing to drain."""
+        return {"removed": [], "nodes": {}}
+
+    def stop_nodes(self, cluster: Cluster, ctx: BackendContext, *,
+                   forced: list[str]) -> None:
+        """Stop the removed nodes once drained (``forced``: still busy at the deadline)."""
 
     def teardown(self, cluster: Cluster, ctx: BackendContext, *, force: bool = False) -> list[str]:
         """Remove everything Airfleet made; return leftovers (empty when clean)."""

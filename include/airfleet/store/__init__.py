@@ -348,6 +348,15 @@ class Store:
         return self.set_status(name, status, reason=reason, run_id=run_id, token=token,
                                expected_version=record.version)
 
+    def record_event(self, name: str, reason: str, message: str, *, run_id: str | None,
+                     kind: str = "Normal", token: int | None = None) -> None:
+        """A note in the cluster's history that is no phase change (a node drained, ...)."""
+        with self.session() as s:
+            if token is not None:
+                self._fence(s, name, token)
+            s.add(_event(self._require_live(s, name), kind, None, None, reason, message,
+                         run_id))
+
     def events(self, name: str) -> list[Event]:
         """The history of every incarnation of ``name``, oldest first."""
         query = select(EventRow).where(EventRow.cluster == name).order_by(EventRow.id)

@@ -1,0 +1,397 @@
+"""The static-nodes backend: SSH-reachable hosts, each running one Ray node.
+
+Set-up order (``apply``): registry CA and login, model cache directories, then the head, which
+must answer ``/api/gcs_healthz`` before any worker starts; then every worker concurrently
+(bounded, inside this one task: a mapped task per node would pay ~4 s of task start-up per
+node and open a new SSH connection each time), then a wait until every node is ALIVE in
+``/api/v0/nodes``. Each node's progress is reported as it happens. A node that fails does not
+stop the others: the observation names it, the cluster ends Failed, and a re-run touches only
+what is missing or wrong (a Ray node that is ALIVE, or a container whose spec hash matches, is
+adopted, never restarted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from airfleet.accelerators import detect, probe_command
+from airfleet.backends import Backend, BackendContext, Observation
+from airfleet.backends.ssh import commands, dashboard
+from airfleet.backends.ssh.remote import CommandResult, Remote, run_sync
+from airfleet.errors import InvalidRequest
+from airfleet.resources import Cluster, ClusterSpec, NodeStatus, SSHConfig
+
+HEAD_READY_SECONDS = 90
+NODES_ALIVE_SECONDS = 120
+START_TIMEOUT = 180  # one `ray start` (pull excluded)
+PULL_TIMEOUT = 1800
+STOP_GRACE_SECONDS = 10
+PROBE_REACH_TIMEOUT = 5
+LEFTOVER_SETTLE_SECONDS = 10
+
+
+@dataclass(frozen=True)
+class Node:
+    address: str
+    role: str  # head | worker
+
+    def status(self, phase: str, message: str = "", ray_node_id: str | None = None) -> NodeStatus:
+        return NodeStatus(name=self.address, address=self.address, role=self.role, phase=phase,
+                          message=message, ray_node_id=ray_node_id)
+
+
+def nodes_of(cfg: SSHConfig) -> list[Node]:
+    return [Node(cfg.head, "head"), *(Node(w, "worker") for w in cfg.workers)]
+
+
+def _summary(statuses: list[NodeStatus]) -> Observation:
+    """Healthy when every node runs; the message names each node that does not, and why."""
+    bad = [s for s in statuses if s.phase != "Running"]
+    if not bad:
+        return Observation(True, f"all {len(statuses)} nodes ALIVE", nodes=statuses)
+    return Observation(False, "; ".join(f"{s.role} {s.address}: {s.message}" for s in bad),
+                       nodes=statuses)
+
+
+class SSHBackend(Backend):
+    cluster_type = "ssh"
+    clients = ("ssh", "registry")
+
+    def validate_update(self, recorded: Cluster, desired: ClusterSpec) -> None:
+        before, after = recorded.spec.config.ssh.head, desired.config.ssh.head
+        if before != after:
+            raise InvalidRequest(
+                f"cluster.spec.config.ssh.head: the head cannot change (it is {before}, the "
+                f"request says {after}); delete the cluster and create it with the new head")
+
+    def apply(self, cluster: Cluster, ctx: BackendContext) -> Observation:
+        return run_sync(_Run(cluster, ctx).apply())
+
+    def query(self, cluster: Cluster, ctx: BackendContext) -> Observation:
+        return run_sync(_Run(cluster, ctx).observe(report=True))
+
+    def health(self, cluster: Cluster, ctx: BackendContext) -> Observation:
+        return run_sync(_Run(cluster, ctx).observe(report=False))
+
+    def detect_accelerators(self, cluster: Cluster, ctx: BackendContext) -> dict[str, Any]:
+        return run_sync(_Run(cluster, ctx).detect_accelerators())
+
+    def drain_nodes(self, cluster: Cluster, ctx: BackendContext) -> dict[str, Any]:
+        return run_sync(_Run(cluster, ctx).drain())
+
+    def stop_nodes(self, cluster: Cluster, ctx: BackendContext, *, forced: list[str]) -> None:
+        run_sync(_Run(cluster, ctx).stop_removed(forced))
+
+    def teardown(self, cluster: Cluster, ctx: BackendContext, *, force: bool = False) -> list[str]:
+        return run_sync(_Run(cluster, ctx).teardown(force))
+
+
+class _Run:
+    """One verb on one cluster: the spec, the SSH connections and the reporting."""
+
+    def __init__(self, cluster: Cluster, ctx: BackendContext):
+        self.cluster, self.ctx = cluster, ctx
+        self.cfg: SSHConfig = cluster.spec.config.ssh
+        self.runtime = self.cfg.container_runtime
+        self.head = Node(self.cfg.head, "head")
+        self.workers = [Node(w, "worker") for w in self.cfg.workers]
+        self.url = dashboard.url(self.cfg.head, self.cfg.ray.dashboard_port)
+
+    def log(self, msg: str, *args: Any) -> None:
+        self.ctx.log.info("cluster %s: " + msg, self.cluster.name, *args)
+
+    def report(self, node: Node, phase: str, message: str = "", ray_node_id: str | None = None):
+        self.log("%s %s: %s %s", node.role, node.address, phase, message)
+        self.ctx.report_node(node.status(phase, message, ray_node_id))
+
+    # ---- apply ------------------------------------------------------------------------
+
+    async def apply(self) -> Observation:
+        async with Remote(self.ctx.clients["ssh"]) as remote:
+            failed: dict[Node, str] = {}
+            alive = await self._alive()
+            try:
+                await self._start(remote, self.head, alive)
+                await self._wait_head()
+            except Exception as exc:  # nothing else starts without a head
+                self.report(self.head, "Failed", str(exc))
+                return Observation(False, f"head {self.head.address}: {exc}",
+                                   nodes=[self.head.status("Failed", str(exc))])
+            alive = await self._alive()
+            results = await asyncio.gather(
+                *(self._start(remote, w, alive) for w in self.workers), return_exceptions=True)
+            for worker, outcome in zip(self.workers, results, strict=True):
+                if isinstance(outcome, Exception):
+                    failed[worker] = str(outcome)
+                    self.report(worker, "Failed", str(outcome))
+            statuses = await self._wait_alive([n for n in nodes_of(self.cfg) if n not in failed])
+        try:  # drained and stopped by the update flow already; this converges a re-run
+            await self.stop_removed(forced=[])
+        except Exception as exc:  # noqa: BLE001 - reported per node; the desired nodes run
+            self.log("a removed worker could not be stopped: %s", exc)
+        return _summary(statuses + [n.status("Failed", why) for n, why in failed.items()])
+
+    async def _start(self, remote: Remote, node: Node, alive: dict[str, dashboard.RayNode]):
+        """Prepare the host, then start its Ray node unless a matching one runs."""
+        await self._prepare_host(remote, node)
+        if self.runtime == "none":
+            if node.address in alive:
+                self.report(node, "Running", "adopted: Ray node already ALIVE",
+                            alive[node.address].node_id)
+                return
+            self.report(node, "Starting", "ray start")
+            await remote.run(node.address, commands.ray_stop("none", self.cluster.name,
+                                                             executable=self.cfg.ray.executable,
+                                                             force=True))
+            await remote.run(node.address, self._host_start(node), timeout=START_TIMEOUT)
+            return
+        await self._start_container(remote, node)
+
+    async def _prepare_host(self, remote: Remote, node: Node) -> None:
+        for mount in commands.cache_mounts(self.cluster.spec.model_caches):
+            await remote.run(node.address, commands.ensure_directory(mount.host_path))
+        login = self.ctx.clients.get("registry")
+        if self.runtime == "none" or not login:
+            return
+        if login.get("ca_pem"):  # before any pull, so the pull trusts the registry
+            await remote.run(node.address, commands.write_registry_ca(self.runtime, login["url"]),
+                             stdin=login["ca_pem"].encode())
+        if login.get("password"):
+            await remote.run(node.address,
+                             commands.registry_login(self.runtime, login["url"], login["username"]),
+                             stdin=login["password"].encode(), redact=[login["password"]])
+
+    def _gpus(self, node: Node) -> int:
+        nodes = self.cluster.status.accelerators.get("nodes", {})
+        return int(nodes.get(node.address, {}).get("count", 0) or 0)
+
+    def _ray_start(self, node: Node) -> commands.RayStart:
+        ray = self.cfg.ray
+        head_ip = None if node.role == "head" else self.cfg.head
+        return commands.RayStart(node.address, head_ip, ray.gcs_port, ray.dashboard_port,
+                                 self._gpus(node))
+
+    def _host_start(self, node: Node) -> str:
+        ray, env = self.cfg.ray, commands.model_cache_env(self.cluster.spec.model_caches, "none")
+        start = self._ray_start(node)
+        if node.role == "head":
+            return commands.ray_start_head(node.address, gcs_port=ray.gcs_port,
+                                           dashboard_port=ray.dashboard_port,
+                                           num_gpus=start.num_gpus, executable=ray.executable,
+                                           env=env)
+        return commands.ray_start_worker(node.address, self.cfg.head, gcs_port=ray.gcs_port,
+                                         num_gpus=start.num_gpus, executable=ray.executable,
+                                         env=env)
+
+    async def _start_container(self, remote: Remote, node: Node) -> None:
+        meminfo = await remote.run(node.address, "grep MemTotal /proc/meminfo")
+        mem_bytes = int(meminfo.stdout.split()[1]) * 1024
+        container = commands.RayContainer(
+            self.runtime, self.cluster.name, self.cfg.ray.image, self._ray_start(node),
+            commands.shm_size_for(mem_bytes),
+            commands.cache_mounts(self.cluster.spec.model_caches),
+            commands.model_cache_env(self.cluster.spec.model_caches, self.runtime))
+        seen = await remote.run(node.address,
+                                commands.container_inspect(self.runtime, self.cluster.name),
+                                check=False)
+        state = commands.parse_container_inspect(seen.stdout) if seen.ok else None
+        if seen.exit_status not in (0, commands.EXIT_ABSENT):
+            raise RuntimeError(f"{self.runtime} cannot list containers: {seen.stderr.strip()}")
+        if state and state.running and state.spec_hash == container.spec_hash:
+            self.report(node, "Running", "adopted: container already runs this spec")
+            return
+        if state:
+            self.report(node, "Starting", f"replacing container ({state.status}, spec changed)")
+            await remote.run(node.address, commands.container_remove(self.runtime,
+                                                                     self.cluster.name))
+        self.report(node, "Starting", f"pulling {self.cfg.ray.image}")
+        await remote.run(node.address, commands.image_pull(self.runtime, self.cfg.ray.image),
+                         timeout=PULL_TIMEOUT)
+        await remote.run(node.address, commands.container_run(container), timeout=START_TIMEOUT)
+
+    async def _wait_head(self) -> None:
+        deadline = time.monotonic() + HEAD_READY_SECONDS
+        while not await dashboard.async_gcs_healthy(self.url):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Ray GCS not healthy at {self.url} after "
+                                   f"{HEAD_READY_SECONDS} s")
+            await asyncio.sleep(1)
+
+    async def _alive(self) -> dict[str, dashboard.RayNode]:
+        try:
+            return dashboard.alive_by_ip(await dashboard.async_list_nodes(self.url))
+        except Exception:  # no head yet: nothing is alive
+            return {}
+
+    async def _wait_alive(self, nodes: list[Node]) -> list[NodeStatus]:
+        deadline = time.monotonic() + NODES_ALIVE_SECONDS
+        alive = await self._alive()
+        while any(n.address not in alive for n in nodes) and time.monotonic() < deadline:
+            await asyncio.sleep(1)
+            alive = await self._alive()
+        statuses = []
+        for n in nodes:
+            if n.address in alive:
+                statuses.append(n.status("Running", "ALIVE", alive[n.address].node_id))
+            else:
+                statuses.append(n.status("Failed", f"not ALIVE after {NODES_ALIVE_SECONDS} s"))
+            self.report(n, statuses[-1].phase, statuses[-1].message, statuses[-1].ray_node_id)
+        return statuses
+
+    def removed(self) -> list[Node]:
+        """Workers recorded before but no longer in the spec."""
+        wanted = {n.address for n in nodes_of(self.cfg)}
+        return [Node(n.address, "worker") for n in self.cluster.status.nodes
+                if n.role == "worker" and n.address not in wanted]
+
+    async def drain(self) -> dict[str, Any]:
+        """``ray drain-node`` (on the head) for each removed worker that is ALIVE: running
+        work finishes, nothing new is scheduled there, then Ray marks it DEAD."""
+        removed, deadline = self.removed(), self.cfg.drain_deadline_seconds
+        ticket = {"removed": [n.address for n in removed], "nodes": {},
+                  "dashboard_url": self.url, "deadline_seconds": deadline}
+        if not removed:
+            return ticket
+        alive = await self._alive()
+        message = f"removed from the spec by Airfleet run {self.ctx.run_id}"
+        async with Remote(self.ctx.clients["ssh"]) as remote:
+            for node in removed:
+                if node.address not in alive:
+                    self.report(node, "Draining", "not ALIVE in Ray: nothing to drain")
+                    continue
+                node_id = alive[node.address].node_id
+                await remote.run(self.head.address, commands.ray_drain_node(
+                    self.runtime, self.cluster.name, head_ip=self.cfg.head,
+                    gcs_port=self.cfg.ray.gcs_port, node_id=node_id, message=message,
+                    deadline_seconds=deadline, executable=self.cfg.ray.executable))
+                self.report(node, "Draining", f"ray drain-node, deadline {deadline} s", node_id)
+                ticket["nodes"][node.address] = node_id
+        return ticket
+
+    async def stop_removed(self, forced: list[str]) -> None:
+        """Stop the removed workers' Ray: gracefully once drained, by force for those still
+        busy at the drain deadline (recorded as such)."""
+        removed = self.removed()
+        if not removed:
+            return
+        async with Remote(self.ctx.clients["ssh"]) as remote:
+            results = await remote.run_all(
+                [n.address for n in removed], lambda a: self._stop(force=a in forced),
+                timeout=START_TIMEOUT)
+        for node in removed:
+            outcome = results[node.address]
+            if isinstance(outcome, Exception):
+                self.report(node, "Failed", f"could not stop Ray: {outcome}")
+                raise outcome
+            forced_stop = node.address in forced
+            how = (f"forced stop: still busy at the drain deadline of "
+                   f"{self.cfg.drain_deadline_seconds} s" if forced_stop
+                   else "drained, then stopped")
+            self.report(node, "Removed", how)
+            self.ctx.record_event("NodeForceStopped" if forced_stop else "NodeRemoved",
+                                  f"worker {node.address}: {how}",
+                                  "Warning" if forced_stop else "Normal")
+
+    def _stop(self, force: bool) -> str:
+        return commands.ray_stop(self.runtime, self.cluster.name,
+                                 executable=self.cfg.ray.executable, force=force,
+                                 grace_seconds=STOP_GRACE_SECONDS)
+
+    # ---- observe (onboard, health) -----------------------------------------------------
+
+    async def observe(self, report: bool) -> Observation:
+        """Which desired nodes are ALIVE; for the others, whether their host answers SSH."""
+        if not await dashboard.async_gcs_healthy(self.url):
+            reach = await self._reachability([self.head])
+            why = f"Ray GCS not answering at {self.url} ({reach[self.head.address]})"
+            return Observation(False, f"head {self.head.address}: {why}",
+                               nodes=[self.head.status("Failed", why)])
+        alive = await self._alive()
+        missing = [n for n in nodes_of(self.cfg) if n.address not in alive]
+        reach = await self._reachability(missing) if missing else {}
+        statuses = []
+        for n in nodes_of(self.cfg):
+            if n.address in alive:
+                statuses.append(n.status("Running", "ALIVE", alive[n.address].node_id))
+            else:
+                statuses.append(n.status("Failed", f"Ray node not ALIVE; {reach[n.address]}"))
+            if report:
+                self.report(n, statuses[-1].phase, statuses[-1].message, statuses[-1].ray_node_id)
+        return _summary(statuses)
+
+    async def _reachability(self, nodes: list[Node]) -> dict[str, str]:
+        access = self.ctx.clients.get("ssh")
+        if access is None:
+            return {n.address: "host not probed" for n in nodes}
+        async with Remote(access) as remote:
+            results = await remote.run_all([n.address for n in nodes], lambda _: "true",
+                                           timeout=PROBE_REACH_TIMEOUT)
+        return {addr: "host reachable over SSH" if isinstance(r, CommandResult)
+                else f"host unreachable: {r}" for addr, r in results.items()}
+
+    # ---- accelerators ------------------------------------------------------------------
+
+    async def detect_accelerators(self) -> dict[str, Any]:
+        async with Remote(self.ctx.clients["ssh"]) as remote:
+            results = await remote.run_all([n.address for n in nodes_of(self.cfg)],
+                                           lambda _: probe_command(), check=False)
+        per_node, models, total = {}, {}, 0
+        for address, result in results.items():
+            if isinstance(result, Exception):
+                per_node[address] = {"count": 0, "error": str(result)}
+                self.log("node %s: accelerator probe failed: %s", address, result)
+                continue
+            found = detect(result.stdout)
+            per_node[address] = found.to_dict()
+            total += found.count
+            for model, n in found.models.items():
+                models[model] = models.get(model, 0) + n
+            for stage in found.stages:
+                self.log("node %s: %s %s: %s", address, stage.name,
+                         {True: "ok", False: "FAILED", None: "n/a"}[stage.ok], stage.message)
+        return {"count": total, "models": models, "nodes": per_node}
+
+    # ---- teardown ----------------------------------------------------------------------
+
+    async def _leftovers(self, remote: Remote) -> dict[str, CommandResult | Exception]:
+        """What is left on each node; asked again for a few seconds while something is,
+        because Ray's processes take a moment to exit after `ray stop` returns."""
+        check = commands.leftovers(self.runtime, self.cluster.name)
+        deadline = time.monotonic() + LEFTOVER_SETTLE_SECONDS
+        while True:
+            found = await remote.run_all([n.address for n in nodes_of(self.cfg)],
+                                         lambda _: check)
+            clean = all(isinstance(r, CommandResult) and not r.stdout.strip()
+                        for r in found.values())
+            if clean or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(1)
+
+    async def teardown(self, force: bool) -> list[str]:
+        """Workers first, then the head; then look for anything left on every node."""
+        async with Remote(self.ctx.clients["ssh"]) as remote:
+            stop = self._stop(force=False)
+            workers = await remote.run_all([w.address for w in self.workers], lambda _: stop,
+                                           timeout=START_TIMEOUT)
+            head = await remote.run_all([self.head.address], lambda _: stop,
+                                        timeout=START_TIMEOUT)
+            left = []
+            for address, outcome in {**workers, **head}.items():
+                if isinstance(outcome, Exception):
+                    left.append(f"{address}: could not stop Ray: {outcome}")
+            for address, outcome in (await self._leftovers(remote)).items():
+                if isinstance(outcome, Exception):
+                    left.append(f"{address}: cannot check for leftovers: {outcome}")
+                else:
+                    left += [f"{address}: {line}" for line in outcome.stdout.splitlines()
+                             if line.strip()]
+        for line in left:
+            self.log("left behind: %s", line)
+        if force and left:
+            self.log("force: reporting Deleted although %d item(s) remain (manual cleanup "
+                     "may be required)", len(left))
+            return []
+        return left

@@ -1,0 +1,75 @@
+"""Airfleet's operators: one task each, thin over ``airfleet.flows`` and the backends."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+# Extra time the deferral may take beyond the drain deadline before Airflow fails the task
+# (the trigger itself reports the deadline; this only guards against a lost trigger).
+DEFER_MARGIN = timedelta(minutes=10)
+
+
+class RayDrainNodesOperator(BaseOperator):
+    """Drain the Ray workers that the desired spec no longer lists, then stop them.
+
+    ``ray drain-node`` (reason PREEMPTION, a message naming the run, the spec's
+    ``drain_deadline_seconds``) lets running work finish while nothing new lands there; the
+    wait for DEAD runs in the triggerer (:class:`RayNodesDeadTrigger`), not in a worker slot.
+    A node still busy at the deadline is stopped by force, and its status says so. With
+    nothing removed, the task succeeds at once.
+
+    :param lease: the flow's lease (the ``acquire_lease`` XCom): every write is fenced by it.
+    :param poll_interval: seconds between dashboard probes while waiting.
+    """
+
+    template_fields = ("lease",)
+
+    def __init__(self, *, lease: Any, poll_interval: float = 5.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lease = lease
+        self.poll_interval = poll_interval
+
+    def execute(self, context: Any) -> None:
+        import time
+
+        from airfleet_airflow.triggers import RayNodesDeadTrigger
+
+        ticket = self._verb("drain_nodes")
+        if not ticket["removed"]:
+            self.log.info("no worker was removed from the spec: nothing to drain")
+            return
+        if not ticket["nodes"]:
+            self.log.info("removed workers %s are not ALIVE: stopping them", ticket["removed"])
+            self._verb("stop_nodes", forced=[])
+            return
+        self.log.info("draining %s (deadline %s s)", ticket["nodes"], ticket["deadline_seconds"])
+        self.defer(
+            trigger=RayNodesDeadTrigger(ticket["dashboard_url"], ticket["nodes"],
+                                        time.time() + ticket["deadline_seconds"],
+                                        self.poll_interval),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=ticket["deadline_seconds"]) + DEFER_MARGIN)
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> None:
+        from airflow.sdk.exceptions import AirflowException
+
+        if event is None:
+            raise AirflowException("the drain trigger ended without an event")
+        self.log.info("drain ended (%s): %s; forced stop for %s", event["status"],
+                      event["message"], event["alive"] or "none")
+        self._verb("stop_nodes", forced=event["alive"])
+
+    def _verb(self, verb: str, **kwargs: Any) -> Any:
+        from airfleet import flows
+        from airfleet.store import Store
+        from airfleet_airflow.clients import clients_for
+        from airfleet_airflow.flow import _permanent
+
+        try:
+            return flows.run_verb(Store(), flows.LeaseRef.from_dict(self.lease), verb,
+                                  clients_for, **kwargs)
+        except Exception as exc:
+            raise _permanent(exc) from None

@@ -1,0 +1,240 @@
+"""The static-nodes backend end to end: real sshd hosts (tests/fakes/nodes.py), real Ray 2.60
+with ``container_runtime: none``, driven through the DAGs with ``dag.test()``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from airfleet.backends.ssh import dashboard
+from airfleet.resources import Phase
+from airfleet.store import Store
+from tests.fakes.nodes import NodeFarm
+
+pytestmark = pytest.mark.integration
+
+RAY_PROCESS = ("raylet", "gcs_server", "ray::", "dashboard", "log_monitor")
+
+
+@pytest.fixture(scope="module")
+def farm():
+    with NodeFarm(4, name_prefix="ray") as farm:
+        yield farm
+
+
+@pytest.fixture(scope="module")
+def dags(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(str(Path(__file__).resolve().parents[2] / "dags"))
+    assert not bag.import_errors
+    return bag.dags
+
+
+@pytest.fixture
+def fleet(farm, airfleet_home, monkeypatch):
+    """An Airflow SSH connection with the farm's key; a fresh store."""
+    monkeypatch.setenv("AIRFLOW_CONN_SSH_FLEET", json.dumps(
+        {"conn_type": "ssh", "login": "root", "extra": {"private_key": farm.private_key_text}}))
+    monkeypatch.delenv("AIRFLEET_BACKENDS", raising=False)
+    Store().migrate()
+    yield farm
+    for node in farm.nodes:  # leave no Ray behind for the next test
+        if node.running:
+            node.run("ray stop --force >/dev/null 2>&1 || true")
+
+
+def cluster(farm, workers: int, name: str = "static-a") -> dict:
+    head, *rest = farm.nodes
+    return {"metadata": {"name": name},
+            "spec": {"type": "ssh", "provider": "static",
+                     "config": {"ssh": {"head": head.address,
+                                        "workers": [n.address for n in rest[:workers]],
+                                        "credential": {"airflow_conn_id": "ssh_fleet"},
+                                        "known_hosts": farm.known_hosts_text(),
+                                        "container_runtime": "none"}}}}
+
+
+def ray_processes(node, settle: float = 10) -> list[str]:
+    """Ray processes on the node, once they had ``settle`` seconds to exit (a dashboard
+    helper outlives `ray stop` by a second or two)."""
+    deadline = time.monotonic() + settle
+    while True:
+        found = [p for p in node.processes() if any(k in p for k in RAY_PROCESS)]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def alive(farm) -> set[str]:
+    url = dashboard.url(farm.nodes[0].address, 8265)
+    return set(dashboard.alive_by_ip(dashboard.list_nodes(url)))
+
+
+def test_create_health_delete(dags, fleet):
+    farm = fleet
+    dr = dags["airfleet_cluster_create"].test(run_conf={"cluster": cluster(farm, 2)})
+    assert str(dr.state) == "success"
+    record = Store().require_cluster("static-a")
+    assert record.phase is Phase.RUNNING, record.cluster.status.message
+    nodes = {n.address: n for n in record.cluster.status.nodes}
+    assert set(nodes) == {n.address for n in farm.nodes[:3]}
+    assert all(n.phase == "Running" and n.ray_node_id for n in nodes.values())
+    assert alive(farm) == set(nodes)
+
+    dr = dags["airfleet_cluster_health_check"].test(run_conf={})
+    assert str(dr.state) == "success"
+    assert Store().require_cluster("static-a").phase is Phase.RUNNING
+
+    dr = dags["airfleet_cluster_delete"].test(run_conf={"name": "static-a"})
+    assert str(dr.state) == "success"
+    assert Store().get_cluster("static-a") is None
+    for node in farm.nodes[:3]:
+        assert ray_processes(node) == [], node.address
+
+
+DRIVER = """
+import sys, time, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(address="auto")
+
+@ray.remote(num_cpus=1)
+def work(seconds):
+    open("/tmp/task-running", "w").close()
+    time.sleep(seconds)
+    return ray.get_runtime_context().get_node_id()
+
+strategy = NodeAffinitySchedulingStrategy(node_id=sys.argv[1], soft=False)
+print("RESULT", ray.get(work.options(scheduling_strategy=strategy).remote(float(sys.argv[2]))),
+      flush=True)
+"""
+
+
+def start_busy_task(farm, worker, node_id: str, seconds: float) -> None:
+    """A Ray task pinned to ``worker`` that runs ``seconds``, driven from the head."""
+    head = farm.nodes[0]
+    head.run(["sh", "-c", f"cat > /tmp/driver.py <<'EOF'\n{DRIVER}\nEOF"])
+    farm.ssh(head, f"nohup python /tmp/driver.py {node_id} {seconds} > /tmp/driver.out 2>&1 &",
+             check=True)
+    deadline = time.monotonic() + 60
+    while worker.run("test -f /tmp/task-running", check=False).returncode != 0:
+        assert time.monotonic() < deadline, head.run("cat /tmp/driver.out").stdout
+        time.sleep(0.5)
+
+
+def driver_output(farm, settle: float = 30) -> str:
+    deadline = time.monotonic() + settle
+    while True:
+        out = farm.nodes[0].run("cat /tmp/driver.out", check=False).stdout
+        if "RESULT" in out or "Error" in out or time.monotonic() > deadline:
+            return out
+        time.sleep(0.5)
+
+
+def node_status(name: str) -> dict:
+    return {n.address: n for n in Store().require_cluster(name).cluster.status.nodes}
+
+
+def test_grow_then_drain_a_busy_worker_then_delete(dags, fleet):
+    farm = fleet
+    assert str(dags["airfleet_cluster_create"].test(
+        run_conf={"cluster": cluster(farm, 2)}).state) == "success"
+
+    grown = cluster(farm, 3)
+    dr = dags["airfleet_cluster_update"].test(run_conf={"cluster": grown})
+    assert str(dr.state) == "success"
+    assert alive(farm) == {n.address for n in farm.nodes}
+    assert Store().require_cluster("static-a").generation == 2
+
+    leaving = farm.nodes[2]
+    node_id = node_status("static-a")[leaving.address].ray_node_id
+    start_busy_task(farm, leaving, node_id, seconds=15)
+    shrunk = cluster(farm, 3)
+    shrunk["spec"]["config"]["ssh"]["workers"].remove(leaving.address)
+    started = time.monotonic()
+    dr = dags["airfleet_cluster_update"].test(run_conf={"cluster": shrunk})
+    assert str(dr.state) == "success"
+
+    assert f"RESULT {node_id}" in driver_output(farm)  # the running task finished there
+    assert time.monotonic() - started >= 5  # ... because the drain waited for it
+    record = Store().require_cluster("static-a")
+    assert record.phase is Phase.RUNNING
+    assert set(node_status("static-a")) == {farm.nodes[0].address, farm.nodes[1].address,
+                                            farm.nodes[3].address}
+    assert leaving.address not in alive(farm)
+    assert ray_processes(leaving) == []
+    assert (f"worker {leaving.address}: drained, then stopped"
+            in [e.message for e in Store().events("static-a")])
+
+    dr = dags["airfleet_cluster_delete"].test(run_conf={"name": "static-a"})
+    assert str(dr.state) == "success"
+    for node in farm.nodes:
+        assert ray_processes(node) == [], node.address
+
+
+def test_a_worker_still_busy_at_the_deadline_is_stopped_by_force(dags, fleet):
+    farm = fleet
+    spec = cluster(farm, 1)
+    spec["spec"]["config"]["ssh"]["drain_deadline_seconds"] = 3
+    assert str(dags["airfleet_cluster_create"].test(run_conf={"cluster": spec}).state) \
+        == "success"
+    worker = farm.nodes[1]
+    start_busy_task(farm, worker, node_status("static-a")[worker.address].ray_node_id, 120)
+
+    spec["spec"]["config"]["ssh"]["workers"] = []
+    dr = dags["airfleet_cluster_update"].test(run_conf={"cluster": spec})
+    assert str(dr.state) == "success"
+    [event] = [e for e in Store().events("static-a") if e.reason == "NodeForceStopped"]
+    assert event.kind == "Warning"
+    assert event.message == (f"worker {worker.address}: forced stop: still busy at the drain "
+                             "deadline of 3 s")
+    assert ray_processes(worker) == []
+    assert "RESULT" not in driver_output(farm, settle=2)
+
+
+def test_a_worker_down_at_create_fails_the_cluster_and_a_rerun_fixes_only_it(dags, fleet):
+    farm = fleet
+    down = farm.nodes[2]
+    down.stop()
+    try:
+        dr = dags["airfleet_cluster_create"].test(run_conf={"cluster": cluster(farm, 2)})
+        assert str(dr.state) == "failed"
+        record = Store().require_cluster("static-a")
+        assert record.phase is Phase.FAILED
+        assert f"worker {down.address}" in record.cluster.status.message
+        healthy = {a: n.ray_node_id for a, n in node_status("static-a").items()
+                   if n.phase == "Running"}
+        assert set(healthy) == {farm.nodes[0].address, farm.nodes[1].address}
+    finally:
+        down.start()
+
+    dr = dags["airfleet_cluster_create"].test(run_conf={"cluster": cluster(farm, 2)})
+    assert str(dr.state) == "success"
+    assert Store().require_cluster("static-a").phase is Phase.RUNNING
+    after = {a: n.ray_node_id for a, n in node_status("static-a").items()}
+    assert {a: after[a] for a in healthy} == healthy  # the healthy nodes were not restarted
+    assert after[down.address]
+
+
+def test_a_dead_head_fails_the_cluster_and_its_return_heals_it(dags, fleet):
+    farm = fleet
+    head = farm.nodes[0]
+    assert str(dags["airfleet_cluster_create"].test(
+        run_conf={"cluster": cluster(farm, 0)}).state) == "success"
+
+    head.stop()  # power off: every process of the node dies
+    for _ in range(2):  # the second failed probe in a row flips it (FAILED_PROBES_TO_FAIL)
+        assert str(dags["airfleet_cluster_health_check"].test(run_conf={}).state) == "success"
+    record = Store().require_cluster("static-a")
+    assert record.phase is Phase.FAILED
+    assert f"head {head.address}" in record.cluster.status.message
+
+    head.start()
+    farm.ssh(head, f"ray start --head --node-ip-address={head.address} --port=6379 "
+             "--dashboard-host=0.0.0.0 --dashboard-port=8265 --num-gpus=0 "
+             "--disable-usage-stats", check=True)
+    assert str(dags["airfleet_cluster_health_check"].test(run_conf={}).state) == "success"
+    assert Store().require_cluster("static-a").phase is Phase.RUNNING
