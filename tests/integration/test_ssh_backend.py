@@ -238,3 +238,133 @@ def test_a_dead_head_fails_the_cluster_and_its_return_heals_it(dags, fleet):
              "--disable-usage-stats", check=True)
     assert str(dags["airfleet_cluster_health_check"].test(run_conf={}).state) == "success"
     assert Store().require_cluster("static-a").phase is Phase.RUNNING
+
+
+LSPCI = """#!/bin/sh
+echo '00:02.0 VGA compatible controller [0300]: ASPEED Technology, Inc. ASPEED Graphics Family [1a03:2000] (rev 41)'
+echo '01:00.0 3D controller [0302]: NVIDIA Corporation GH100 [H100 SXM5 80GB] [10de:2330] (rev a1)'
+echo '02:00.0 3D controller [0302]: NVIDIA Corporation GH100 [H100 SXM5 80GB] [10de:2330] (rev a1)'
+"""
+NVIDIA_SMI = """#!/bin/sh
+echo '0, NVIDIA H100 80GB HBM3, GPU-1c2f7b4e-0000-0000-0000-000000000001, 81559, 550.54.15'
+echo '1, NVIDIA H100 80GB HBM3, GPU-1c2f7b4e-0000-0000-0000-000000000002, 81559, 550.54.15'
+"""
+BROKEN_NVIDIA_SMI = """#!/bin/sh
+echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
+exit 9
+"""
+
+
+def install(node, name: str, script: str) -> None:
+    path = node.bin_dir / name
+    path.write_text(script)
+    path.chmod(0o755)
+
+
+def gpus_in_ray(farm) -> dict[str, float]:
+    import httpx
+
+    url = dashboard.url(farm.nodes[0].address, 8265)
+    rows = httpx.get(f"{url}/api/v0/nodes", params={"detail": "true"}, timeout=5).json()
+    return {r["node_ip"]: r.get("resources_total", {}).get("GPU", 0.0)
+            for r in rows["data"]["result"]["result"] if r["state"] == "ALIVE"}
+
+
+def test_gpus_are_detected_and_ray_starts_with_them(dags, fleet):
+    farm = fleet
+    gpu, broken = farm.nodes[1], farm.nodes[2]
+    install(gpu, "lspci", LSPCI)
+    install(gpu, "nvidia-smi", NVIDIA_SMI)
+    install(broken, "lspci", LSPCI)  # devices present, driver not working
+    install(broken, "nvidia-smi", BROKEN_NVIDIA_SMI)
+    try:
+        dr = dags["airfleet_cluster_create"].test(run_conf={"cluster": cluster(farm, 2)})
+        assert str(dr.state) == "success"
+        found = Store().require_cluster("static-a").cluster.status.accelerators
+        assert found["count"] == 2 and found["models"] == {"NVIDIA H100 80GB HBM3": 2}
+        per_node = found["nodes"]
+        assert per_node[gpu.address]["count"] == 2
+        assert per_node[broken.address]["count"] == 0
+        assert per_node[broken.address]["stages"]["device_present"]["ok"] is True
+        assert per_node[broken.address]["stages"]["driver_ok"]["ok"] is False
+        assert per_node[farm.nodes[0].address]["count"] == 0
+        assert gpus_in_ray(farm) == {farm.nodes[0].address: 0.0, gpu.address: 2.0,
+                                     broken.address: 0.0}
+    finally:
+        for node in (gpu, broken):
+            for name in ("lspci", "nvidia-smi"):
+                (node.bin_dir / name).unlink(missing_ok=True)
+
+
+def test_onboard_adopts_a_running_ray_cluster_without_restarting_it(dags, fleet):
+    farm = fleet
+    head, worker = farm.nodes[0], farm.nodes[1]
+    farm.ssh(head, f"ray start --head --node-ip-address={head.address} --port=6379 "
+             "--dashboard-host=0.0.0.0 --dashboard-port=8265 --disable-usage-stats", check=True)
+    farm.ssh(worker, f"ray start --address={head.address}:6379 "
+             f"--node-ip-address={worker.address}", check=True)
+    url = dashboard.url(head.address, 8265)
+    deadline = time.monotonic() + 60
+    while len(alive(farm)) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    before = {a: n.node_id for a, n in dashboard.alive_by_ip(dashboard.list_nodes(url)).items()}
+
+    dr = dags["airfleet_cluster_onboard"].test(run_conf={"cluster": cluster(farm, 1)})
+    assert str(dr.state) == "success"
+    record = Store().require_cluster("static-a")
+    assert record.phase is Phase.RUNNING
+    assert {a: n.ray_node_id for a, n in node_status("static-a").items()} == before
+    after = {a: n.node_id for a, n in dashboard.alive_by_ip(dashboard.list_nodes(url)).items()}
+    assert after == before  # nothing was restarted
+
+
+def test_model_cache_directory_and_hf_home_on_every_node(dags, fleet):
+    farm = fleet
+    spec = cluster(farm, 1)
+    spec["spec"]["model_caches"] = [{"name": "hf", "host_path": {"path": "/tmp/models/hf"}}]
+    assert str(dags["airfleet_cluster_create"].test(run_conf={"cluster": spec}).state) \
+        == "success"
+    for node in farm.nodes[:2]:
+        assert node.run("test -d /tmp/models/hf", check=False).returncode == 0
+        raylet = node.run("pgrep -x raylet").stdout.split()[0]
+        env = node.run(f"tr '\\0' '\\n' < /proc/{raylet}/environ").stdout.splitlines()
+        assert "HF_HOME=/tmp/models/hf" in env
+
+
+def test_an_unreachable_head_fails_naming_it_and_starts_nothing(dags, fleet):
+    farm = fleet
+    head = farm.nodes[0]
+    head.stop()
+    try:
+        dr = dags["airfleet_cluster_create"].test(run_conf={"cluster": cluster(farm, 2)})
+        assert str(dr.state) == "failed"
+        record = Store().require_cluster("static-a")
+        assert record.phase is Phase.FAILED
+        assert f"head {head.address}: " in record.cluster.status.message
+        assert "unreachable over SSH" in record.cluster.status.message
+        for worker in farm.nodes[1:3]:
+            assert ray_processes(worker, settle=0) == []
+    finally:
+        head.start()
+
+
+def test_bad_credential_and_changed_head_are_refused_before_anything(dags, fleet, capfd, caplog):
+    farm = fleet
+    spec = cluster(farm, 1)
+    spec["spec"]["config"]["ssh"]["credential"] = {"airflow_conn_id": "nope"}
+    dr = dags["airfleet_cluster_create"].test(run_conf={"cluster": spec})
+    assert {t.task_id: str(t.state) for t in dr.get_task_instances()}["validate"] == "failed"
+    out = capfd.readouterr()
+    assert ("cluster.spec.config.ssh.credential: Airflow connection 'nope' does not exist"
+            in out.out + out.err + caplog.text)
+    assert Store().list_clusters(include_deleted=True) == []
+
+    assert str(dags["airfleet_cluster_create"].test(
+        run_conf={"cluster": cluster(farm, 1)}).state) == "success"
+    moved = cluster(farm, 0)
+    moved["spec"]["config"]["ssh"]["head"] = farm.nodes[1].address
+    dr = dags["airfleet_cluster_update"].test(run_conf={"cluster": moved})
+    assert {t.task_id: str(t.state) for t in dr.get_task_instances()}["validate"] == "failed"
+    out = capfd.readouterr()
+    assert "cluster.spec.config.ssh.head: the head cannot change" in out.out + out.err + caplog.text
+    assert Store().require_cluster("static-a").generation == 1
