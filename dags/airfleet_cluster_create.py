@@ -14,6 +14,7 @@ from __future__ import annotations
 from airflow.sdk import dag
 
 from airfleet_airflow import flow
+from airfleet_airflow.operators import DetectAcceleratorsOperator
 
 
 @dag(dag_id="airfleet_cluster_create", schedule=None, catchup=False, tags=flow.TAGS,
@@ -27,7 +28,7 @@ def airfleet_cluster_create():
         flow.register(checked, lease),
         flow.begin.override(task_id="provisioning")(lease, "Provisioning", "Create"),
         flow.backend_step.override(task_id="provision")(lease, "provision"),
-        flow.backend_step.override(task_id="detect_accelerators")(lease, "detect_accelerators"),
+        DetectAcceleratorsOperator(task_id="detect_accelerators", lease=lease),
         flow.backend_step.override(task_id="apply")(lease, "apply"),
         flow.finish.override(task_id="running")(lease, "Running", "Created"),
     )

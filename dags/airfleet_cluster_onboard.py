@@ -14,6 +14,7 @@ from __future__ import annotations
 from airflow.sdk import dag
 
 from airfleet_airflow import flow
+from airfleet_airflow.operators import DetectAcceleratorsOperator
 
 
 @dag(dag_id="airfleet_cluster_onboard", schedule=None, catchup=False, tags=flow.TAGS,
@@ -26,7 +27,7 @@ def airfleet_cluster_onboard():
         flow.policy_precheck(checked, "onboard_cluster"),
         flow.register(checked, lease),
         flow.backend_step.override(task_id="discover")(lease, "query"),
-        flow.backend_step.override(task_id="detect_accelerators")(lease, "detect_accelerators"),
+        DetectAcceleratorsOperator(task_id="detect_accelerators", lease=lease),
         flow.finish.override(task_id="running")(lease, "Running", "Onboarded"),
     )
 

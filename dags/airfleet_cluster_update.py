@@ -15,7 +15,7 @@ from __future__ import annotations
 from airflow.sdk import dag
 
 from airfleet_airflow import flow
-from airfleet_airflow.operators import RayDrainNodesOperator
+from airfleet_airflow.operators import DetectAcceleratorsOperator, RayDrainNodesOperator
 
 
 @dag(dag_id="airfleet_cluster_update", schedule=None, catchup=False, tags=flow.TAGS,
@@ -28,7 +28,7 @@ def airfleet_cluster_update():
         flow.policy_precheck(checked, "update_cluster"),
         flow.record_desired(checked, lease),
         flow.begin.override(task_id="updating")(lease, "Updating", "Update"),
-        flow.backend_step.override(task_id="detect_accelerators")(lease, "detect_accelerators"),
+        DetectAcceleratorsOperator(task_id="detect_accelerators", lease=lease),
         RayDrainNodesOperator(task_id="drain_removed_workers", lease=lease),
         flow.backend_step.override(task_id="apply")(lease, "apply"),
         flow.finish.override(task_id="running")(lease, "Running", "Updated"),

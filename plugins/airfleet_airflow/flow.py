@@ -46,7 +46,7 @@ def _store():
     return Store()
 
 
-def _permanent(exc: Exception) -> Exception:
+def permanent_error(exc: Exception) -> Exception:
     """Errors that a retry cannot fix fail the task for good."""
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -84,7 +84,7 @@ def validate(action: str) -> dict[str, Any]:
             clients_for(Cluster.model_validate(checked["request"]))
         return checked
     except Exception as exc:
-        raise _permanent(exc) from None
+        raise permanent_error(exc) from None
 
 
 @task
@@ -94,7 +94,7 @@ def acquire_lease(checked: dict[str, Any]) -> dict[str, Any]:
     try:
         return flows.acquire(_store(), checked["name"], _holder()).to_dict()
     except Exception as exc:
-        raise _permanent(exc) from None
+        raise permanent_error(exc) from None
 
 
 @task(trigger_rule=TriggerRule.ALL_DONE)
@@ -129,7 +129,7 @@ def register(checked: dict[str, Any], lease: dict[str, Any]) -> int:
     try:
         return flows.register(_store(), _lease(lease), checked["request"], _vault_put()).generation
     except Exception as exc:
-        raise _permanent(exc) from None
+        raise permanent_error(exc) from None
 
 
 @task
@@ -140,7 +140,7 @@ def record_desired(checked: dict[str, Any], lease: dict[str, Any]) -> int:
         return flows.record_desired(_store(), _lease(lease), checked["request"],
                                     _vault_put()).generation
     except Exception as exc:
-        raise _permanent(exc) from None
+        raise permanent_error(exc) from None
 
 
 @task
@@ -151,7 +151,7 @@ def begin(lease: dict[str, Any], phase: str, reason: str) -> None:
     try:
         flows.begin(_store(), _lease(lease), Phase(phase), reason)
     except Exception as exc:
-        raise _permanent(exc) from None
+        raise permanent_error(exc) from None
 
 
 @task
@@ -163,7 +163,7 @@ def backend_step(lease: dict[str, Any], verb: str) -> None:
     try:
         flows.run_verb(_store(), _lease(lease), verb, clients_for)
     except Exception as exc:
-        raise _permanent(exc) from None
+        raise permanent_error(exc) from None
 
 
 @task
@@ -194,7 +194,7 @@ def teardown(checked: dict[str, Any], lease: dict[str, Any]) -> None:
                                    force=bool(checked.get("force")))
         record = flows.delete_done(store, ref, leftovers or [])
     except Exception as exc:
-        raise _permanent(exc) from None
+        raise permanent_error(exc) from None
     if record.phase != "Deleted":
         from airflow.sdk.exceptions import AirflowFailException
 

@@ -12,7 +12,48 @@ from airflow.sdk import BaseOperator
 DEFER_MARGIN = timedelta(minutes=10)
 
 
-class RayDrainNodesOperator(BaseOperator):
+class _FlowOperator(BaseOperator):
+    """An operator that runs backend verbs under the flow's lease."""
+
+    template_fields = ("lease",)
+
+    def __init__(self, *, lease: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lease = lease
+
+    def _verb(self, verb: str, **kwargs: Any) -> Any:
+        from airfleet import flows
+        from airfleet.store import Store
+        from airfleet_airflow.clients import clients_for
+        from airfleet_airflow.flow import permanent_error
+
+        try:
+            return flows.run_verb(Store(), flows.LeaseRef.from_dict(self.lease), verb,
+                                  clients_for, **kwargs)
+        except Exception as exc:
+            raise permanent_error(exc) from None
+
+
+class DetectAcceleratorsOperator(_FlowOperator):
+    """Find each node's accelerators and record them on the cluster.
+
+    Static nodes: ``lspci -nn`` (NVIDIA and AMD devices, even without a driver), then
+    ``nvidia-smi`` (model, memory, driver), then the container runtime's GPU support; each
+    stage is logged per node, and a missing or failing ``nvidia-smi`` never counts as a GPU.
+    Kubernetes: node labels and allocatable resources. Runs before set-up, so Ray nodes start
+    with the GPUs found.
+
+    :param lease: the flow's lease (the ``acquire_lease`` XCom).
+    """
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        found = self._verb("detect_accelerators")
+        self.log.info("accelerators: %s in all, by model %s", found.get("count", 0),
+                      found.get("models", {}))
+        return {"count": found.get("count", 0), "models": found.get("models", {})}
+
+
+class RayDrainNodesOperator(_FlowOperator):
     """Drain the Ray workers that the desired spec no longer lists, then stop them.
 
     ``ray drain-node`` (reason PREEMPTION, a message naming the run, the spec's
@@ -25,11 +66,8 @@ class RayDrainNodesOperator(BaseOperator):
     :param poll_interval: seconds between dashboard probes while waiting.
     """
 
-    template_fields = ("lease",)
-
     def __init__(self, *, lease: Any, poll_interval: float = 5.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.lease = lease
+        super().__init__(lease=lease, **kwargs)
         self.poll_interval = poll_interval
 
     def execute(self, context: Any) -> None:
@@ -61,15 +99,3 @@ class RayDrainNodesOperator(BaseOperator):
         self.log.info("drain ended (%s): %s; forced stop for %s", event["status"],
                       event["message"], event["alive"] or "none")
         self._verb("stop_nodes", forced=event["alive"])
-
-    def _verb(self, verb: str, **kwargs: Any) -> Any:
-        from airfleet import flows
-        from airfleet.store import Store
-        from airfleet_airflow.clients import clients_for
-        from airfleet_airflow.flow import _permanent
-
-        try:
-            return flows.run_verb(Store(), flows.LeaseRef.from_dict(self.lease), verb,
-                                  clients_for, **kwargs)
-        except Exception as exc:
-            raise _permanent(exc) from None
