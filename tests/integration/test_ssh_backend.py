@@ -116,7 +116,8 @@ print("RESULT", ray.get(work.options(scheduling_strategy=strategy).remote(float(
 def start_busy_task(farm, worker, node_id: str, seconds: float) -> None:
     """A Ray task pinned to ``worker`` that runs ``seconds``, driven from the head."""
     head = farm.nodes[0]
-    head.run(["sh", "-c", f"cat > /tmp/driver.py <<'EOF'\n{DRIVER}\nEOF"])
+    worker.run("rm -f /tmp/task-running")  # a marker left by an earlier test must not count
+    head.run(["sh", "-c", f"rm -f /tmp/driver.out; cat > /tmp/driver.py <<'EOF'\n{DRIVER}\nEOF"])
     farm.ssh(head, f"nohup python /tmp/driver.py {node_id} {seconds} > /tmp/driver.out 2>&1 &",
              check=True)
     deadline = time.monotonic() + 60

@@ -36,6 +36,9 @@ import asyncssh
 from airfleet.errors import AirfleetError
 
 log = logging.getLogger(__name__)
+# asyncssh logs every connection, channel and command at INFO: in a task log that drowns what
+# we say ourselves (each command is logged here, redacted, at debug).
+logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 T = TypeVar("T")
 
@@ -47,6 +50,7 @@ COMMAND_SHOWN_CHARS = 300
 REDACTED = "***"
 # Concurrent commands per node connection; below sshd's MaxSessions (default 10).
 SESSIONS_PER_NODE = 8
+SESSION_OPEN_ATTEMPTS = 6  # a refused session open is retried after 0.05, 0.1, ... 0.8 s
 REMOTE_KILL_GRACE = 2  # seconds after a client-side timeout before the node kills the command
 
 
@@ -397,16 +401,18 @@ class Remote:
         conn = await self._connection(node, shown)
         data = stdin.encode() if isinstance(stdin, str) else stdin
         sessions = self._sessions.setdefault(node, asyncio.Semaphore(SESSIONS_PER_NODE))
-        process = None
+        process = completed = None
         try:
             async with asyncio.timeout(timeout), sessions:
-                process = await conn.create_process(
-                    bounded(command, timeout), encoding=None, input=data or None,
-                    stdin=asyncssh.PIPE if data else asyncssh.DEVNULL)
+                process = await _open_session(conn, bounded(command, timeout), data)
                 completed = await process.wait()
+                process.close()  # hand the session back before the slot is reused
+                await process.wait_closed()
         except TimeoutError:
-            stderr = _interrupt(process)
-            raise RemoteTimeout(node, shown, timeout, tail(_redact(stderr, redact))) from None
+            if completed is None:
+                stderr = _interrupt(process)
+                raise RemoteTimeout(node, shown, timeout,
+                                    tail(_redact(stderr, redact))) from None
         except asyncssh.ChannelOpenError as exc:  # the connection itself may be fine
             raise NodeUnreachable(node, shown, self.access.port,
                                   f"cannot open a session: {exc.reason}") from None
@@ -461,6 +467,27 @@ class Remote:
 
         await asyncio.gather(*(one(n) for n in nodes))
         return {n: results[n] for n in nodes}
+
+
+async def _open_session(conn: asyncssh.SSHClientConnection, command: str,
+                        data: bytes | None) -> asyncssh.SSHClientProcess:
+    """Open the command's session, retrying a refused open: nothing has run then.
+
+    sshd frees a closed session only at its next channel garbage collection, so a close and
+    the next open arriving together can exceed MaxSessions ("no more sessions" in its log,
+    "open failed" here) even below the limit.
+    """
+    attempts = 0
+    while True:
+        try:
+            return await conn.create_process(
+                command, encoding=None, input=data or None,
+                stdin=asyncssh.PIPE if data else asyncssh.DEVNULL)
+        except asyncssh.ChannelOpenError:
+            attempts += 1
+            if attempts >= SESSION_OPEN_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.05 * 2 ** (attempts - 1))
 
 
 def bounded(command: str, timeout: float) -> str:
