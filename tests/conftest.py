@@ -36,6 +36,16 @@ def airflow_db() -> Path:
     return home
 
 
+@pytest.fixture(scope="session")
+def dags(airflow_db) -> dict:
+    """The DAGs of dags/, parsed once per session."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(str(ROOT / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return bag.dags
+
+
 @pytest.fixture
 def airfleet_home(tmp_path, monkeypatch) -> Path:
     """A private Airfleet home: the store (SQLite) and vault keys live inside it."""

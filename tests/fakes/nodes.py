@@ -23,7 +23,10 @@ PID 1 of the node. Why each namespace:
   /dev/shm (Ray's object store), a private /etc/hosts (localhost plus every node's hostname)
   and an /etc/resolv.conf with no nameserver, so a name lookup never waits on DNS (20 s
   otherwise), and a private /etc/passwd whose root home is a per-node directory (the host's
-  ~/.bashrc is not run over SSH and the host's ~root is never written to).
+  ~/.bashrc is not run over SSH and the host's ~root is never written to), and private
+  /etc/docker and /etc/containers (`PRIVATE_ETC`: what the backend writes there, registry CA
+  files, lands in `node.dir / "etc" / <name>`; if the host lacks them, empty directories are
+  created as mount points, and nothing is ever written into the host's).
 - UTS: `hostname` answers the node's own name.
 
 sshd: an ed25519 host key of its own per node, key-only root login with the farm's client key
@@ -58,13 +61,16 @@ from pathlib import Path
 SSHD = "/usr/sbin/sshd"
 STD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 VENV_BIN = str(Path(sys.executable).parent)  # where `ray` lives
+# /etc directories each node gets privately (bind-mounted from node.dir/etc/<name>).
+PRIVATE_ETC = ("docker", "containers")
 LOCK_DIR = Path("/run/lock") if Path("/run/lock").is_dir() else Path(tempfile.gettempdir())
 # Tool -> the Debian package that ships it (ps: tests list a node's processes over SSH).
 TOOLS = {SSHD: "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client",
          "ip": "iproute2", "unshare": "util-linux", "nsenter": "util-linux", "mount": "mount",
          "hostname": "hostname", "ps": "procps"}
 
-# The node's init, run by unshare as PID 1: $1 hostname, $2 node dir, $3 farm dir, $4 sshd.
+# The node's init, run by unshare as PID 1: $1 hostname, $2 node dir, $3 farm dir, $4 sshd,
+# $5 the PRIVATE_ETC names.
 _INIT = """set -eu
 hostname "$1"
 mount --bind "$2/tmp" /tmp
@@ -72,6 +78,7 @@ mount -t tmpfs -o mode=1777 shm /dev/shm
 mount --bind "$2/passwd" /etc/passwd
 mount --bind "$3/hosts" /etc/hosts
 mount --bind "$3/resolv.conf" /etc/resolv.conf
+for d in $5; do mount --bind "$2/etc/$d" "/etc/$d"; done
 mkdir -p -m 0755 /run/sshd
 exec "$4" -D -e -f "$2/sshd_config"
 """
@@ -202,7 +209,7 @@ class Node:
                 ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--pid", "--fork",
                  "--kill-child=SIGKILL", "--mount", "--uts", "--mount-proc",
                  "bash", "-c", _INIT, "node-init", self.hostname, str(self.dir),
-                 str(self.farm_dir), SSHD],
+                 str(self.farm_dir), SSHD, " ".join(PRIVATE_ETC)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         _wait_for(self._accepts_ssh, timeout, f"{self.name}: sshd on {self.address}:22")
@@ -338,9 +345,12 @@ class NodeFarm:
         self.known_hosts_path.write_text(self.known_hosts_text())
 
     def _write_node_files(self, node: Node) -> None:
-        for sub, mode in (("tmp", 0o1777), ("bin", 0o755), ("home", 0o700)):
+        for sub, mode in (("tmp", 0o1777), ("bin", 0o755), ("home", 0o700),
+                          *((f"etc/{d}", 0o755) for d in PRIVATE_ETC)):
             (node.dir / sub).mkdir(parents=True)
             (node.dir / sub).chmod(mode)
+        for d in PRIVATE_ETC:  # a mount point on the host; nodes mount their own over it
+            Path("/etc", d).mkdir(mode=0o755, exist_ok=True)
         node.host_key = _keygen(node.dir / "ssh_host_ed25519_key", f"root@{node.hostname}")
         (node.dir / "passwd").write_text(_passwd_with_root_home(node.dir / "home"))
         # Login shells (`bash -l`) reset PATH in /etc/profile, then read ~/.profile: set it again.

@@ -27,14 +27,6 @@ SSH_CLUSTER = {"metadata": {"name": "llm-a", "labels": {"team": "search"}},
                                            "credential": {"airflow_conn_id": "ssh_fleet"}}}}}
 
 
-@pytest.fixture(scope="module")
-def dags(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(str(Path(__file__).resolve().parents[2] / "dags"))
-    assert not bag.import_errors
-    return bag.dags
-
 
 @pytest.fixture
 def fake(airfleet_home, monkeypatch, tmp_path):

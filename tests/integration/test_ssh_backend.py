@@ -3,9 +3,7 @@ with ``container_runtime: none``, driven through the DAGs with ``dag.test()``.""
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -13,10 +11,17 @@ from airfleet.backends.ssh import dashboard
 from airfleet.resources import Phase
 from airfleet.store import Store
 from tests.fakes.nodes import NodeFarm
+from tests.fakes.static_fleet import (
+    CONN_ENV,
+    alive,
+    ray_processes,
+    ssh_connection,
+    static_cluster,
+    stop_ray,
+)
 
 pytestmark = pytest.mark.integration
 
-RAY_PROCESS = ("raylet", "gcs_server", "ray::", "dashboard", "log_monitor")
 
 
 @pytest.fixture(scope="module")
@@ -25,75 +30,19 @@ def farm():
         yield farm
 
 
-@pytest.fixture(scope="module")
-def dags(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(str(Path(__file__).resolve().parents[2] / "dags"))
-    assert not bag.import_errors
-    return bag.dags
-
 
 @pytest.fixture
 def fleet(farm, airfleet_home, monkeypatch):
     """An Airflow SSH connection with the farm's key; a fresh store."""
-    monkeypatch.setenv("AIRFLOW_CONN_SSH_FLEET", json.dumps(
-        {"conn_type": "ssh", "login": "root", "extra": {"private_key": farm.private_key_text}}))
+    monkeypatch.setenv(CONN_ENV, ssh_connection(farm))
     monkeypatch.delenv("AIRFLEET_BACKENDS", raising=False)
     Store().migrate()
     yield farm
-    for node in farm.nodes:  # leave no Ray behind for the next test
-        if node.running:
-            node.run("ray stop --force >/dev/null 2>&1 || true")
+    stop_ray(farm)  # leave no Ray behind for the next test
 
 
 def cluster(farm, workers: int, name: str = "static-a") -> dict:
-    head, *rest = farm.nodes
-    return {"metadata": {"name": name},
-            "spec": {"type": "ssh", "provider": "static",
-                     "config": {"ssh": {"head": head.address,
-                                        "workers": [n.address for n in rest[:workers]],
-                                        "credential": {"airflow_conn_id": "ssh_fleet"},
-                                        "known_hosts": farm.known_hosts_text(),
-                                        "container_runtime": "none"}}}}
-
-
-def ray_processes(node, settle: float = 10) -> list[str]:
-    """Ray processes on the node, once they had ``settle`` seconds to exit (a dashboard
-    helper outlives `ray stop` by a second or two)."""
-    deadline = time.monotonic() + settle
-    while True:
-        found = [p for p in node.processes() if any(k in p for k in RAY_PROCESS)]
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
-
-
-def alive(farm) -> set[str]:
-    url = dashboard.url(farm.nodes[0].address, 8265)
-    return set(dashboard.alive_by_ip(dashboard.list_nodes(url)))
-
-
-def test_create_health_delete(dags, fleet):
-    farm = fleet
-    dr = dags["airfleet_cluster_create"].test(run_conf={"cluster": cluster(farm, 2)})
-    assert str(dr.state) == "success"
-    record = Store().require_cluster("static-a")
-    assert record.phase is Phase.RUNNING, record.cluster.status.message
-    nodes = {n.address: n for n in record.cluster.status.nodes}
-    assert set(nodes) == {n.address for n in farm.nodes[:3]}
-    assert all(n.phase == "Running" and n.ray_node_id for n in nodes.values())
-    assert alive(farm) == set(nodes)
-
-    dr = dags["airfleet_cluster_health_check"].test(run_conf={})
-    assert str(dr.state) == "success"
-    assert Store().require_cluster("static-a").phase is Phase.RUNNING
-
-    dr = dags["airfleet_cluster_delete"].test(run_conf={"name": "static-a"})
-    assert str(dr.state) == "success"
-    assert Store().get_cluster("static-a") is None
-    for node in farm.nodes[:3]:
-        assert ray_processes(node) == [], node.address
+    return static_cluster(farm, workers, name)
 
 
 DRIVER = """

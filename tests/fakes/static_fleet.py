@@ -1,0 +1,52 @@
+"""Helpers shared by the static-nodes tests: the SSH connection for a NodeFarm, cluster
+specs over its nodes, and what Ray shows or leaves on a node."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from airfleet.backends.ssh import dashboard
+
+CONN_ENV = "AIRFLOW_CONN_SSH_FLEET"  # the connection `ssh_fleet`, as Airflow reads it from env
+RAY_PROCESS = ("raylet", "gcs_server", "ray::", "dashboard", "log_monitor")
+
+
+def ssh_connection(farm) -> str:
+    """An Airflow SSH connection (JSON) holding the farm's client key."""
+    return json.dumps({"conn_type": "ssh", "login": "root",
+                       "extra": {"private_key": farm.private_key_text}})
+
+
+def static_cluster(farm, workers: int, name: str = "static-a", **ssh) -> dict:
+    """A static-nodes cluster: the farm's first node as head, the next ``workers`` as workers,
+    host keys pinned with the farm's known_hosts, Ray as host processes unless ``ssh`` says."""
+    head, *rest = farm.nodes
+    config = {"head": head.address, "workers": [n.address for n in rest[:workers]],
+              "credential": {"airflow_conn_id": "ssh_fleet"},
+              "known_hosts": farm.known_hosts_text(), "container_runtime": "none", **ssh}
+    return {"metadata": {"name": name},
+            "spec": {"type": "ssh", "provider": "static", "config": {"ssh": config}}}
+
+
+def ray_processes(node, settle: float = 10) -> list[str]:
+    """Ray processes on the node, once they had ``settle`` seconds to exit (a dashboard
+    helper outlives `ray stop` by a second or two)."""
+    deadline = time.monotonic() + settle
+    while True:
+        found = [p for p in node.processes() if any(k in p for k in RAY_PROCESS)]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def alive(farm) -> set[str]:
+    """Addresses of the ALIVE Ray nodes, as the head's dashboard sees them."""
+    url = dashboard.url(farm.nodes[0].address, 8265)
+    return set(dashboard.alive_by_ip(dashboard.list_nodes(url)))
+
+
+def stop_ray(farm) -> None:
+    for node in farm.nodes:
+        if node.running:
+            node.run("ray stop --force >/dev/null 2>&1 || true", check=False)
