@@ -47,6 +47,21 @@ def dags(airflow_db) -> dict:
 
 
 @pytest.fixture
+def fleet(farm, airfleet_home, monkeypatch):
+    """A module's NodeFarm (its ``farm`` fixture) as Airfleet reaches it: the Airflow SSH
+    connection ``ssh_fleet`` with the farm's key, the builtin backends, a fresh store; Ray
+    stopped on every node afterwards."""
+    from airfleet.store import Store
+    from tests.fakes.static_fleet import CONN_ENV, ssh_connection, stop_ray
+
+    monkeypatch.setenv(CONN_ENV, ssh_connection(farm))
+    monkeypatch.delenv("AIRFLEET_BACKENDS", raising=False)
+    Store().migrate()
+    yield farm
+    stop_ray(farm)
+
+
+@pytest.fixture
 def airfleet_home(tmp_path, monkeypatch) -> Path:
     """A private Airfleet home: the store (SQLite) and vault keys live inside it."""
     home = tmp_path / "airfleet-home"

@@ -51,7 +51,7 @@ from airfleet.backends.ssh import remote as ssh_remote
 from airfleet.resources import Cluster, Phase
 from airfleet.store import Store
 from tests.fakes.nodes import NodeFarm
-from tests.fakes.static_fleet import CONN_ENV, ray_processes, ssh_connection, static_cluster
+from tests.fakes.static_fleet import ray_processes, static_cluster
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(1800)]
 
@@ -72,16 +72,6 @@ def farm():
     with NodeFarm(3, name_prefix="bench") as farm:
         yield farm
 
-
-
-@pytest.fixture
-def fleet(farm, airfleet_home, monkeypatch):
-    """An Airflow SSH connection with the farm's key; a fresh store."""
-    monkeypatch.setenv(CONN_ENV, ssh_connection(farm))
-    monkeypatch.delenv("AIRFLEET_BACKENDS", raising=False)
-    Store().migrate()
-    yield farm
-    stop_ray(farm)
 
 
 def cluster(farm) -> dict:

@@ -12,12 +12,9 @@ from airfleet.resources import Phase
 from airfleet.store import Store
 from tests.fakes.nodes import NodeFarm
 from tests.fakes.static_fleet import (
-    CONN_ENV,
     alive,
     ray_processes,
-    ssh_connection,
     static_cluster,
-    stop_ray,
 )
 
 pytestmark = pytest.mark.integration
@@ -29,16 +26,6 @@ def farm():
     with NodeFarm(4, name_prefix="ray") as farm:
         yield farm
 
-
-
-@pytest.fixture
-def fleet(farm, airfleet_home, monkeypatch):
-    """An Airflow SSH connection with the farm's key; a fresh store."""
-    monkeypatch.setenv(CONN_ENV, ssh_connection(farm))
-    monkeypatch.delenv("AIRFLEET_BACKENDS", raising=False)
-    Store().migrate()
-    yield farm
-    stop_ray(farm)  # leave no Ray behind for the next test
 
 
 def cluster(farm, workers: int, name: str = "static-a") -> dict:
