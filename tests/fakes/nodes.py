@@ -63,6 +63,11 @@ STD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 VENV_BIN = str(Path(sys.executable).parent)  # where `ray` lives
 # /etc directories each node gets privately (bind-mounted from node.dir/etc/<name>).
 PRIVATE_ETC = ("docker", "containers")
+# What the nodes must still see of the host's /tmp once their own /tmp is mounted over it: the
+# venv (`ray`, `python`) and this checkout (the docker shim), when they live there (a CI clone).
+SHARED_FROM_TMP = tuple(sorted({str(p) for p in (Path(sys.prefix).resolve(),
+                                                 Path(__file__).resolve().parents[2])
+                                if str(p).startswith("/tmp/")}))
 LOCK_DIR = Path("/run/lock") if Path("/run/lock").is_dir() else Path(tempfile.gettempdir())
 # Tool -> the Debian package that ships it (ps: tests list a node's processes over SSH).
 TOOLS = {SSHD: "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client",
@@ -70,10 +75,13 @@ TOOLS = {SSHD: "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh
          "hostname": "hostname", "ps": "procps"}
 
 # The node's init, run by unshare as PID 1: $1 hostname, $2 node dir, $3 farm dir, $4 sshd,
-# $5 the PRIVATE_ETC names.
+# $5 the PRIVATE_ETC names, $6 the SHARED_FROM_TMP paths.
 _INIT = """set -eu
 hostname "$1"
+mkdir -p "$2/host-tmp"
+mount --rbind /tmp "$2/host-tmp"
 mount --bind "$2/tmp" /tmp
+for p in $6; do mkdir -p "$p"; mount --bind "$2/host-tmp${p#/tmp}" "$p"; done
 mount -t tmpfs -o mode=1777 shm /dev/shm
 mount --bind "$2/passwd" /etc/passwd
 mount --bind "$3/hosts" /etc/hosts
@@ -209,7 +217,7 @@ class Node:
                 ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--pid", "--fork",
                  "--kill-child=SIGKILL", "--mount", "--uts", "--mount-proc",
                  "bash", "-c", _INIT, "node-init", self.hostname, str(self.dir),
-                 str(self.farm_dir), SSHD, " ".join(PRIVATE_ETC)],
+                 str(self.farm_dir), SSHD, " ".join(PRIVATE_ETC), " ".join(SHARED_FROM_TMP)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         _wait_for(self._accepts_ssh, timeout, f"{self.name}: sshd on {self.address}:22")
