@@ -20,16 +20,36 @@ from tests.fakes.static_fleet import (
 pytestmark = pytest.mark.integration
 
 
-
 @pytest.fixture(scope="module")
 def farm():
     with NodeFarm(4, name_prefix="ray") as farm:
         yield farm
 
 
-
 def cluster(farm, workers: int, name: str = "static-a") -> dict:
     return static_cluster(farm, workers, name)
+
+
+def test_create_health_delete(dags, fleet):
+    farm = fleet
+    dr = dags["airfleet_cluster_create"].test(run_conf={"cluster": cluster(farm, 2)})
+    assert str(dr.state) == "success"
+    record = Store().require_cluster("static-a")
+    assert record.phase is Phase.RUNNING, record.cluster.status.message
+    nodes = {n.address: n for n in record.cluster.status.nodes}
+    assert set(nodes) == {n.address for n in farm.nodes[:3]}
+    assert all(n.phase == "Running" and n.ray_node_id for n in nodes.values())
+    assert alive(farm) == set(nodes)
+
+    dr = dags["airfleet_cluster_health_check"].test(run_conf={})
+    assert str(dr.state) == "success"
+    assert Store().require_cluster("static-a").phase is Phase.RUNNING
+
+    dr = dags["airfleet_cluster_delete"].test(run_conf={"name": "static-a"})
+    assert str(dr.state) == "success"
+    assert Store().get_cluster("static-a") is None
+    for node in farm.nodes[:3]:
+        assert ray_processes(node) == [], node.address
 
 
 DRIVER = """
