@@ -183,13 +183,21 @@ def test_a_dead_head_fails_the_cluster_and_its_return_heals_it(dags, fleet):
         run_conf={"cluster": cluster(farm, 0)}).state) == "success"
 
     head.stop()  # power off: every process of the node dies
-    for _ in range(2):  # the second failed probe in a row flips it (FAILED_PROBES_TO_FAIL)
-        assert str(dags["airfleet_cluster_health_check"].test(run_conf={}).state) == "success"
-    record = Store().require_cluster("static-a")
-    assert record.phase is Phase.FAILED
-    assert f"head {head.address}" in record.cluster.status.message
+    try:
+        url = dashboard.url(head.address, 8265)
+        deadline = time.monotonic() + 30
+        while dashboard.gcs_healthy(url, timeout=1) and time.monotonic() < deadline:
+            time.sleep(0.5)  # the kernel is still tearing the node's processes down
+        for _ in range(2):  # the second failed probe in a row flips it (FAILED_PROBES_TO_FAIL)
+            dr = dags["airfleet_cluster_health_check"].test(run_conf={})
+            assert str(dr.state) == "success"
+        record = Store().require_cluster("static-a")
+        assert record.phase is Phase.FAILED, record.cluster.status
+        assert f"head {head.address}" in record.cluster.status.message
+    finally:
+        if not head.running:
+            head.start()
 
-    head.start()
     farm.ssh(head, f"ray start --head --node-ip-address={head.address} --port=6379 "
              "--dashboard-host=0.0.0.0 --dashboard-port=8265 --num-gpus=0 "
              "--disable-usage-stats", check=True)
