@@ -36,9 +36,11 @@ def airflow_db() -> Path:
     return home
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def dags(airflow_db) -> dict:
-    """The DAGs of dags/, parsed once per session."""
+    """The DAGs of dags/, parsed afresh for each test: ``dag.test()`` keeps a run's conf in
+    the DAG object's Params (``Param.resolve`` stores the value), so a DAG object shared
+    between tests would hand one test's conf (e.g. health check ``names``) to the next."""
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(str(ROOT / "dags"))
