@@ -1,0 +1,156 @@
+"""Benchmark: the latency the router adds to an inference request, and its throughput. Prints
+the figures and writes them to ``tests/benchmarks/results/router_latency.json``; it asserts
+nothing about time.
+
+One upstream (tests/router_support.Upstream: uvicorn + Starlette answering a small JSON echo,
+as fast as it can, no model behind it) on loopback, the router as a real process
+(``python -m airfleet_router``, default settings: access log on) finding it through the fake
+Kubernetes API. The same client calls the upstream directly and through the router, in
+alternating rounds so drift hits both sides alike:
+
+- sequential: one request at a time on one keep-alive connection (the added latency per
+  request: router p50/p99 minus direct p50/p99);
+- concurrent: 32 requests in flight (asyncio, one connection each), requests per second.
+  The load comes from aiohttp (pinned in constraints.txt): an httpx 0.28 AsyncClient tops out
+  at about 300 requests/s with 32 in flight on this machine (encode/httpx#3215), so it would
+  measure itself, not the router.
+
+The client, the router and the upstream share this machine's CPUs, so the concurrent figures
+are a floor for the router on a core of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+import pytest
+
+from tests.fakes.kube_apiserver import FakeKubeAPIServer
+from tests.router_support import RouterProcess, Upstream, pod, wait_http
+
+pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "tests" / "benchmarks" / "results" / "router_latency.json"
+NS = "airfleet-bench"
+MODEL = "bench-model"
+SEQUENTIAL = 2000  # per side, in ROUNDS alternating rounds
+CONCURRENT = 4000
+IN_FLIGHT = 32
+ROUNDS = 2
+WARMUP = 200
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 8}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _sequential(base: str, n: int) -> tuple[list[float], float]:
+    """Latencies (s) of ``n`` requests one after another, and the wall time."""
+    latencies = []
+    with httpx.Client(base_url=base, trust_env=False, timeout=30) as client:
+        started = time.perf_counter()
+        for _ in range(n):
+            t = time.perf_counter()
+            response = client.post("/v1/chat/completions", json=BODY)
+            latencies.append(time.perf_counter() - t)
+            if response.status_code != 200:
+                raise AssertionError(f"{base}: {response.status_code} {response.text}")
+        return latencies, time.perf_counter() - started
+
+
+def _concurrent(base: str, n: int, in_flight: int) -> tuple[list[float], float]:
+    async def run() -> tuple[list[float], float]:
+        latencies: list[float] = []
+        left = iter(range(n))
+        connector = aiohttp.TCPConnector(limit=in_flight)
+        async with aiohttp.ClientSession(base, connector=connector, trust_env=False) as client:
+            async def worker() -> None:
+                for _ in left:
+                    t = time.perf_counter()
+                    async with client.post("/v1/chat/completions", json=BODY) as response:
+                        await response.read()
+                    latencies.append(time.perf_counter() - t)
+                    if response.status != 200:
+                        raise AssertionError(f"{base}: {response.status}")
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(in_flight)))
+            return latencies, time.perf_counter() - started
+
+    return asyncio.run(run())
+
+
+def _figures(latencies: list[float], wall: float) -> dict:
+    return {"p50_ms": _percentile(latencies, 0.5) * 1000,
+            "p99_ms": _percentile(latencies, 0.99) * 1000,
+            "mean_ms": statistics.fmean(latencies) * 1000,
+            "rps": len(latencies) / wall}
+
+
+def _compare(measure, direct_url: str, router_url: str, n: int) -> dict:
+    sides: dict[str, tuple[list[float], float]] = {"direct": ([], 0.0), "router": ([], 0.0)}
+    for _ in range(ROUNDS):
+        for side, url in (("direct", direct_url), ("router", router_url)):
+            latencies, wall = measure(url, n // ROUNDS)
+            sides[side] = (sides[side][0] + latencies, sides[side][1] + wall)
+    out = {side: _figures(*values) for side, values in sides.items()}
+    out["added_p50_ms"] = out["router"]["p50_ms"] - out["direct"]["p50_ms"]
+    out["added_p99_ms"] = out["router"]["p99_ms"] - out["direct"]["p99_ms"]
+    return out
+
+
+def test_router_latency(tmp_path):
+    with FakeKubeAPIServer() as kube:
+        upstream = Upstream("bench")
+        token = tmp_path / "token"
+        token.write_text(kube.token)
+        router = RouterProcess(tmp_path / "router.log", api_url=kube.url, namespace=NS,
+                               token_file=token)
+        try:
+            upstream.wait()
+            router.wait_synced()
+            kube.create(pod("bench-0", MODEL, upstream.port, namespace=NS))
+            wait_http(f"{router.url}/v1/models", ok=lambda r: bool(r.json()["data"]))
+            _sequential(upstream.url, WARMUP)
+            _sequential(router.url, WARMUP)
+            sequential = _compare(_sequential, upstream.url, router.url, SEQUENTIAL)
+            concurrent = _compare(lambda url, n: _concurrent(url, n, IN_FLIGHT),
+                                  upstream.url, router.url, CONCURRENT)
+        finally:
+            router.stop()
+            upstream.stop()
+
+    figures = {
+        "unit": "milliseconds; rps = requests per second",
+        "sequential": {"requests_per_side": SEQUENTIAL, **sequential},
+        "concurrent": {"requests_per_side": CONCURRENT, "in_flight": IN_FLIGHT, **concurrent},
+        "cpus": os.cpu_count(), "python": sys.version.split()[0],
+        "machine": platform.machine(),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
+
+    print(f"\nRouter latency (one upstream on loopback, {os.cpu_count()} CPUs shared by "
+          f"client, router and upstream):")
+    for phase, data in (("sequential", sequential), ("concurrent", concurrent)):
+        label = "1 in flight" if phase == "sequential" else f"{IN_FLIGHT} in flight"
+        print(f"  {phase} ({label}, {figures[phase]['requests_per_side']} requests per side):")
+        for side in ("direct", "router"):
+            d = data[side]
+            print(f"    {side:7s} p50 {d['p50_ms']:6.2f} ms  p99 {d['p99_ms']:6.2f} ms  "
+                  f"{d['rps']:8.0f} req/s")
+        print(f"    added   p50 {data['added_p50_ms']:6.2f} ms  p99 {data['added_p99_ms']:6.2f} ms")
+    print(f"  written to {RESULTS.relative_to(ROOT)}")

@@ -1,0 +1,209 @@
+"""Helpers shared by the router's tests (router/airfleet_router).
+
+Importing this module puts ``router/`` on ``sys.path`` (the router is a service of its own,
+not part of the airfleet package). It also runs, as real processes:
+
+- :class:`Upstream`: a tiny OpenAI-shaped inference server (Starlette + uvicorn) that answers
+  which upstream it is, and streams Server-Sent Events with a delay between chunks for
+  ``"stream": true``; started as ``python -m tests.router_support upstream NAME`` on a socket
+  the test bound (no port race);
+- :class:`RouterProcess`: ``python -m airfleet_router`` with the environment pointing at a
+  (fake) Kubernetes API, its output captured to a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUTER_DIR = ROOT / "router"
+if str(ROUTER_DIR) not in sys.path:
+    sys.path.insert(0, str(ROUTER_DIR))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 15, ok=lambda r: r.status_code < 500,
+              proc: subprocess.Popen | None = None) -> httpx.Response:
+    """GET ``url`` until ``ok(response)``; fails early if ``proc`` exited."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} while waiting for {url}")
+        try:
+            response = httpx.get(url, timeout=2, trust_env=False)
+            if ok(response):
+                return response
+            last = response
+        except httpx.TransportError as e:
+            last = e
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready within {timeout} s (last: {last!r})")
+
+
+def pod(name: str, model: str | None, port: int, *, ready: bool = True,
+        ip: str = "127.0.0.1", namespace: str = "airfleet-test", port_name: str = "http",
+        annotations: dict | None = None) -> dict:
+    """An endpoint pod as the API shows it (scheduled, with an IP, Ready or not)."""
+    labels = {"airfleet.io/endpoint": "true"}
+    if model is not None:
+        labels["airfleet.io/model"] = model
+    meta: dict = {"name": name, "namespace": namespace, "labels": labels}
+    if annotations:
+        meta["annotations"] = annotations
+    return {
+        "apiVersion": "v1", "kind": "Pod", "metadata": meta,
+        "spec": {"containers": [{"name": "server", "image": "vllm/vllm-openai:v0.11.0",
+                                 "ports": [{"name": port_name, "containerPort": port}]}]},
+        "status": {"phase": "Running", "podIP": ip,
+                   "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
+
+
+# ---- the upstream (an inference server stand-in) ---------------------------------------------
+
+class Upstream:
+    """A running upstream process named ``name`` on 127.0.0.1:``port``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(1024)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        fd = self._sock.fileno()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.router_support", "upstream", name, str(fd)],
+            pass_fds=[fd], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        # The child has its copy: ours would keep accepting (and never answering) connections
+        # once the child is gone, where a dead server refuses them.
+        self._sock.close()
+
+    def wait(self) -> Upstream:
+        wait_http(f"{self.url}/health", proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _upstream_app(name: str):
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    async def infer(request: Request):
+        body = await request.json()
+        seen = {"upstream": name, "model": body.get("model"), "path": request.url.path,
+                "query": request.url.query,
+                "authorization": request.headers.get("authorization"),
+                "x_test": request.headers.get("x-test"),
+                "cookie": request.headers.get("cookie")}
+        if not body.get("stream"):
+            response = JSONResponse(seen, headers={"x-upstream": name})
+            if body.get("set_cookie"):
+                response.set_cookie("session", body["set_cookie"])
+            return response
+        delay, chunks = float(body.get("delay", 0.3)), int(body.get("chunks", 3))
+
+        async def events():
+            for i in range(chunks):
+                yield f"data: {json.dumps({**seen, 'chunk': i})}\n\n".encode()
+                await asyncio.sleep(delay)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"x-upstream": name})
+
+    async def health(request: Request):
+        return JSONResponse({"upstream": name})
+
+    return Starlette(routes=[Route("/v1/chat/completions", infer, methods=["POST"]),
+                             Route("/v1/completions", infer, methods=["POST"]),
+                             Route("/health", health)])
+
+
+# ---- the router ------------------------------------------------------------------------------
+
+class RouterProcess:
+    """``python -m airfleet_router [args]`` with ``AIRFLEET_ROUTER_*`` from the keywords (only
+    those given, plus host and a free port); stdout and stderr go to ``log``."""
+
+    def __init__(self, log: Path, *, api_url: str | None = None, namespace: str | None = None,
+                 token_file: Path | None = None, args: tuple[str, ...] = (),
+                 **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.token_file = token_file
+        self._out = open(log, "wb")  # noqa: SIM115 (closed in stop)
+        environ = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("AIRFLEET_ROUTER_", "KUBERNETES_"))}
+        given = {"API_URL": api_url, "NAMESPACE": namespace,
+                 "TOKEN_FILE": str(token_file) if token_file else None,
+                 "HOST": "127.0.0.1", "PORT": str(self.port)}
+        environ.update({f"AIRFLEET_ROUTER_{k}": v for k, v in given.items() if v is not None})
+        environ.update(env, PYTHONPATH=str(ROUTER_DIR))
+        self.proc = subprocess.Popen([sys.executable, "-m", "airfleet_router", *args],
+                                     env=environ, cwd=ROOT, stdout=self._out,
+                                     stderr=subprocess.STDOUT)
+
+    def wait_synced(self, timeout: float = 15) -> RouterProcess:
+        wait_http(f"{self.url}/healthz", timeout, ok=lambda r: r.status_code == 200,
+                  proc=self.proc)
+        return self
+
+    def output(self) -> str:
+        self._out.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+
+
+def _serve_upstream(name: str, fd: int) -> None:
+    import uvicorn
+
+    # socket(fileno=) detects the family (AF_INET), so the event loop sets TCP_NODELAY on
+    # accepted connections; uvicorn's own fd= option would take it for a Unix socket and leave
+    # Nagle on (40 ms stalls against delayed ACKs).
+    sock = socket.socket(fileno=fd)
+    config = uvicorn.Config(_upstream_app(name), log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["upstream"]:
+        _serve_upstream(sys.argv[2], int(sys.argv[3]))
