@@ -1,0 +1,523 @@
+"""Provisioning an AKS cluster and its agent pools (a library layer over a
+``azure.mgmt.containerservice.ContainerServiceClient`` that the caller builds).
+
+Each step looks before it acts, so a retried or re-run flow converges instead of failing:
+
+- The managed cluster carries Airfleet's ownership tags. One that exists with them is adopted
+  (and waited for, if an operation still runs on it); one without them is an error that changes
+  nothing (it belongs to somebody else).
+- The first non-GPU pool of the spec is the System pool, created with the cluster; the others
+  are User pools, created one at a time afterwards (AKS refuses a second write on a cluster
+  while an operation runs). A GPU pool gets the taint ``nvidia.com/gpu=true:NoSchedule`` and
+  the label ``nvidia.com/gpu.present=true``. A pool autoscales when ``min != max``.
+- ``on_created`` is called as soon as each resource this run created exists (its PUT was
+  accepted), before the wait, so the caller can record it and remove it if a later step fails.
+- A long-running operation that ends Failed raises :class:`AKSError` with Azure's code and
+  message; a resource left Failed is reconciled (PUT again as it is) by the next run.
+- Teardown removes the User pools, then the cluster, and waits until they are gone; "already
+  gone" is success.
+
+Tag keys: Azure refuses ``<>%&\\?/`` in tag names (ARM ``InvalidTagNameCharacters``), so the
+ownership labels of ``manifests`` become tag keys with ``/`` spelled ``_``
+(``app.kubernetes.io_managed-by``, ``airfleet.io_cluster``), see :func:`azure_tag_key`.
+
+Never logged: the admin kubeconfig (:meth:`AKSProvisioner.admin_kubeconfig` only returns it).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+from airfleet.backends.kubernetes.manifests import CLUSTER_LABEL, MANAGED_BY, MANAGED_BY_VALUE
+from airfleet.errors import AirfleetError
+from airfleet.resources import AKSConfig, NodePool, Taint
+
+_TAG_FORBIDDEN = re.compile(r"[<>%&\\?/]")
+
+
+def azure_tag_key(label: str) -> str:
+    """A Kubernetes label key as an Azure tag name: ``/`` (refused by ARM) becomes ``_``."""
+    return label.replace("/", "_")
+
+
+TAG_MANAGED_BY = azure_tag_key(MANAGED_BY)  # "app.kubernetes.io_managed-by"
+TAG_CLUSTER = azure_tag_key(CLUSTER_LABEL)  # "airfleet.io_cluster"
+GPU_TAINT = "nvidia.com/gpu=true:NoSchedule"
+GPU_LABELS = {"nvidia.com/gpu.present": "true"}
+# AKS: a Linux pool name is a lowercase letter then up to 11 lowercase letters or digits.
+SYSTEM, USER = "System", "User"
+# provisioningState values after which nothing runs on the resource any more.
+SETTLED = frozenset({"Succeeded", "Failed", "Canceled"})
+WAIT_SECONDS = 3600.0  # AKS takes 5-15 minutes for a cluster, a few for a pool
+POLL_SECONDS = 15.0  # between GETs while waiting for an operation this run did not start
+
+_LOG = logging.getLogger(__name__)
+
+
+class AKSError(AirfleetError):
+    """AKS refused a request, an operation ended Failed, or the spec cannot be provisioned.
+
+    :param code: Azure's error code (``QuotaExceeded``, ``InvalidParameter``, ...); None when
+        the error is Airfleet's own (a foreign cluster, a bad spec, a timeout).
+    :param azure_message: Azure's error message, as Azure sent it.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 azure_message: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.azure_message = azure_message
+
+
+@dataclass
+class ProvisionResult:
+    """What :meth:`AKSProvisioner.ensure` created and what it found and adopted, named as
+    ``on_created`` names them (``managedCluster <name>``, ``agentPool <name>/<pool>``)."""
+
+    created: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
+    fqdn: str | None = None
+
+
+def _taint(taint: Taint) -> str:
+    """A taint as AKS's ``nodeTaints`` spell it: ``key=value:Effect`` (``key:Effect``)."""
+    return f"{taint.key}={taint.value}:{taint.effect}" if taint.value else \
+        f"{taint.key}:{taint.effect}"
+
+
+def _text(value: Any) -> str:
+    """A model field as its wire text (the SDK's enums print as ``AgentPoolMode.SYSTEM``)."""
+    if isinstance(value, Enum):
+        value = value.value
+    return "" if value is None else str(value)
+
+
+def _state(resource: Any) -> str:
+    return _text(getattr(getattr(resource, "properties", None), "provisioning_state", None))
+
+
+class AKSProvisioner:
+    """Create or adopt, converge, and delete one AKS cluster of Airfleet's.
+
+    :param client: a ``ContainerServiceClient`` for ``cfg.subscription_id`` (built by the hook
+        that owns the Azure connection; its retry and polling settings are the caller's).
+    :param cfg: the cluster's ``aks`` config block.
+    :param cluster_name: the Airfleet cluster name, used as the AKS name and DNS prefix.
+    :param log: where progress goes (never a credential).
+    :param on_created: called with ``"managedCluster <name>"`` / ``"agentPool <name>/<pool>"``
+        as soon as a resource this run created exists.
+    :param wait_seconds: budget of each wait for an operation.
+    :param poll_seconds: pause between GETs while waiting for an operation that another run
+        started (operations of this run are followed by the client's poller).
+    """
+
+    def __init__(self, client: Any, cfg: AKSConfig, cluster_name: str, *,
+                 log: logging.Logger = _LOG,
+                 on_created: Callable[[str], None] = lambda what: None,
+                 wait_seconds: float = WAIT_SECONDS, poll_seconds: float = POLL_SECONDS,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.client, self.cfg, self.name = client, cfg, cluster_name
+        self.rg = cfg.resource_group
+        self.log = log
+        self.on_created = on_created
+        self.wait_seconds, self.poll_seconds, self.sleep = wait_seconds, poll_seconds, sleep
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {**self.cfg.tags, TAG_MANAGED_BY: MANAGED_BY_VALUE, TAG_CLUSTER: self.name}
+
+    @property
+    def cluster_what(self) -> str:
+        return f"managedCluster {self.name}"
+
+    def pool_what(self, pool: str) -> str:
+        return f"agentPool {self.name}/{pool}"
+
+    # ---- create or adopt --------------------------------------------------------------------
+
+    def ensure(self) -> ProvisionResult:
+        """The cluster and every pool of the spec, Succeeded. Pools the spec does not list are
+        left alone (:meth:`scale` removes them)."""
+        system = self._check_spec()
+        result = ProvisionResult()
+        cluster = self._get_cluster()
+        if cluster is not None:
+            self._check_ours(cluster)
+            cluster = self._settle_cluster(cluster)
+        if cluster is None:
+            cluster = self._create_cluster(system)
+            result.created += [self.cluster_what, self.pool_what(system.name)]
+        else:
+            result.adopted.append(self.cluster_what)
+            cluster = self._converge_cluster(cluster)
+        self._settle_pools()
+        for pool in self.cfg.node_pools:
+            what = self.pool_what(pool.name)
+            outcome, _ = self._ensure_pool(pool, SYSTEM if pool is system else USER)
+            if outcome == "created":
+                result.created.append(what)
+            elif what not in result.created:
+                result.adopted.append(what)
+        result.fqdn = cluster.properties.fqdn
+        return result
+
+    def _check_spec(self) -> NodePool:
+        """The System pool; an error naming the field for what AKS would refuse, before any
+        call."""
+        where = f"AKS cluster {self.name}"
+        system = next((p for p in self.cfg.node_pools if not p.gpu), None)
+        if system is None:
+            raise AKSError(f"{where}: node_pools needs a pool with gpu: false (the first one "
+                           "becomes the System pool, which AKS requires); nothing was changed")
+        names = [p.name for p in self.cfg.node_pools]
+        if len(set(names)) != len(names):
+            raise AKSError(f"{where}: each node pool name may appear once")
+        if system.desired < 1 or (system.min != system.max and system.min < 1):
+            raise AKSError(f"{where}: the System pool {system.name} needs min and desired >= 1")
+        for key, value in self.cfg.tags.items():
+            if _TAG_FORBIDDEN.search(key) or not 0 < len(key) <= 512 or len(value) > 256:
+                raise AKSError(f"{where}: tag {key!r} is invalid on Azure (names of 1-512 "
+                               "characters without <>%&\\?/, values of at most 256)")
+        return system
+
+    def _create_cluster(self, system: NodePool) -> Any:
+        cfg = self.cfg
+        self.log.info("AKS cluster %s: creating in %s/%s (Kubernetes %s, System pool %s)",
+                      self.name, cfg.resource_group, cfg.location, cfg.version, system.name)
+        body = {"location": cfg.location, "tags": self.tags,
+                "identity": {"type": "SystemAssigned"},
+                "properties": {"dnsPrefix": self.name, "kubernetesVersion": cfg.version,
+                               "agentPoolProfiles": [
+                                   {"name": system.name, **self._pool_properties(system, SYSTEM)}
+                               ]}}
+        with self._azure(f"AKS cluster {self.name}: create"):
+            poller = self.client.managed_clusters.begin_create_or_update(self.rg, self.name, body)
+        self.on_created(self.cluster_what)
+        self.on_created(self.pool_what(system.name))
+        return self._wait(poller, f"AKS cluster {self.name}: create")
+
+    def _check_ours(self, cluster: Any) -> None:
+        tags = cluster.tags or {}
+        if tags.get(TAG_MANAGED_BY) != MANAGED_BY_VALUE or tags.get(TAG_CLUSTER) != self.name:
+            raise AKSError(
+                f"AKS cluster {self.name} exists in resource group {self.rg} and is not "
+                f"Airfleet's (no {TAG_MANAGED_BY}={MANAGED_BY_VALUE} and "
+                f"{TAG_CLUSTER}={self.name} tags); onboard it as provider existing, or choose "
+                "another name. Nothing was changed")
+
+    def _converge_cluster(self, cluster: Any) -> Any:
+        """An adopted cluster: reconcile it if it was left Failed, add missing tags. No write
+        when it already matches. Kubernetes upgrades are not done here."""
+        props = cluster.properties
+        live_tags = dict(cluster.tags or {})
+        tags = {**live_tags, **self.tags}
+        current = str(props.current_kubernetes_version or "")
+        if self.cfg.version not in (props.kubernetes_version, current) and \
+                not current.startswith(f"{self.cfg.version}."):
+            self.log.warning("AKS cluster %s runs Kubernetes %s, the spec says %s: not "
+                             "upgraded (upgrades are not part of provisioning)", self.name,
+                             current or props.kubernetes_version, self.cfg.version)
+        state = _state(cluster)
+        if state != "Succeeded":
+            # AKS reconciles a Failed/Canceled cluster on a PUT of what it is ("az aks update").
+            self.log.info("AKS cluster %s is %s: reconciling it (PUT as it is)", self.name,
+                          state)
+            cluster.tags = tags
+            with self._azure(f"AKS cluster {self.name}: reconcile"):
+                poller = self.client.managed_clusters.begin_create_or_update(
+                    self.rg, self.name, cluster)
+            return self._wait(poller, f"AKS cluster {self.name}: reconcile")
+        if tags != live_tags:
+            self.log.info("AKS cluster %s: adding tags %s", self.name,
+                          ", ".join(sorted(k for k in tags if live_tags.get(k) != tags[k])))
+            with self._azure(f"AKS cluster {self.name}: update tags"):
+                poller = self.client.managed_clusters.begin_update_tags(
+                    self.rg, self.name, {"tags": tags})
+            return self._wait(poller, f"AKS cluster {self.name}: update tags")
+        return cluster
+
+    # ---- agent pools ------------------------------------------------------------------------
+
+    def _pool_properties(self, pool: NodePool, mode: str) -> dict[str, Any]:
+        """The wire properties of a pool as the spec wants it (new pools)."""
+        labels = {**GPU_LABELS, **pool.labels} if pool.gpu else dict(pool.labels)
+        taints = [_taint(t) for t in pool.taints]
+        if pool.gpu and not any(t.key == "nvidia.com/gpu" for t in pool.taints):
+            taints.append(GPU_TAINT)
+        props: dict[str, Any] = {
+            "mode": mode, "vmSize": pool.instance_types[0], "count": pool.desired,
+            "enableAutoScaling": pool.min != pool.max, "type": "VirtualMachineScaleSets",
+            "osType": "Linux", "nodeLabels": labels, "nodeTaints": taints, "tags": self.tags}
+        if pool.min != pool.max:
+            props.update(minCount=pool.min, maxCount=pool.max)
+        return props
+
+    def _ensure_pool(self, pool: NodePool, mode: str) -> tuple[str, list[str]]:
+        """Create the pool or converge it; ("created" | "updated" | "unchanged", changes)."""
+        live = self._get_pool(pool.name)
+        what = self.pool_what(pool.name)
+        if live is None:
+            props = self._pool_properties(pool, mode)
+            self.log.info("%s: creating (%s %s, %s)", what, mode, props["vmSize"],
+                          f"{pool.min}..{pool.max}, {pool.desired} now"
+                          if props["enableAutoScaling"] else f"{pool.desired} nodes")
+            with self._azure(f"{what}: create"):
+                poller = self.client.agent_pools.begin_create_or_update(
+                    self.rg, self.name, pool.name, {"properties": props})
+            self.on_created(what)
+            self._wait(poller, f"{what}: create")
+            return "created", []
+        changes = self._converge_pool(live, pool, mode)
+        if not changes:
+            return "unchanged", []
+        self.log.info("%s: updating %s", what, "; ".join(changes))
+        with self._azure(f"{what}: update"):
+            poller = self.client.agent_pools.begin_create_or_update(
+                self.rg, self.name, pool.name, live)
+        self._wait(poller, f"{what}: update")
+        return "updated", changes
+
+    def _converge_pool(self, live: Any, pool: NodePool, mode: str) -> list[str]:
+        """Change ``live`` (the GET result, put back as a whole, as ``az aks nodepool update``
+        does) to the spec; returns what differed."""
+        want = self._pool_properties(pool, mode)
+        props = live.properties
+        changes: list[str] = []
+
+        def change(attr: str, wire: str, new: Any) -> None:
+            old = getattr(props, attr)
+            if old != new:
+                changes.append(f"{wire} {old} -> {new}")
+                setattr(props, attr, new)
+
+        if _text(props.vm_size).lower() != want["vmSize"].lower():
+            raise AKSError(f"{self.pool_what(pool.name)} has VM size {props.vm_size}, the spec "
+                           f"says {want['vmSize']}: AKS cannot change a pool's VM size; add a "
+                           "pool under a new name and remove this one")
+        if _text(props.mode) != mode:
+            changes.append(f"mode {_text(props.mode)} -> {mode}")
+            props.mode = mode
+        autoscale = want["enableAutoScaling"]
+        if bool(props.enable_auto_scaling) != autoscale:
+            changes.append(f"enableAutoScaling {bool(props.enable_auto_scaling)} -> {autoscale}")
+            props.enable_auto_scaling = autoscale
+        if autoscale:
+            change("min_count", "minCount", pool.min)
+            change("max_count", "maxCount", pool.max)
+            if not pool.min <= (props.count or 0) <= pool.max:  # else the autoscaler's count
+                change("count", "count", pool.desired)
+        else:
+            props.min_count = props.max_count = None
+            change("count", "count", pool.desired)
+        if dict(props.node_labels or {}) != want["nodeLabels"]:
+            changes.append(f"nodeLabels {dict(props.node_labels or {})} -> {want['nodeLabels']}")
+            props.node_labels = want["nodeLabels"]
+        if sorted(props.node_taints or []) != sorted(want["nodeTaints"]):
+            changes.append(f"nodeTaints {list(props.node_taints or [])} -> {want['nodeTaints']}")
+            props.node_taints = want["nodeTaints"]
+        live_tags = dict(props.tags or {})
+        if {**live_tags, **self.tags} != live_tags:
+            changes.append("tags")
+            props.tags = {**live_tags, **self.tags}
+        state = _state(live)
+        if state != "Succeeded" and not changes:
+            changes.append(f"reconcile ({state})")
+        return changes
+
+    # ---- scale (update flow) ----------------------------------------------------------------
+
+    def scale(self) -> list[str]:
+        """Pools to the spec: converge the listed ones (count, bounds, autoscaling, labels,
+        taints, mode), create the missing, delete the ones the spec dropped that carry our
+        tags (others are left alone and logged). Returns what changed, e.g.
+        ``"agentPool llm-a/gpu updated: maxCount 3 -> 5"``."""
+        system = self._check_spec()
+        cluster = self._get_cluster()
+        if cluster is not None:
+            self._check_ours(cluster)
+            cluster = self._settle_cluster(cluster)
+        if cluster is None:
+            raise AKSError(f"AKS cluster {self.name} does not exist in resource group "
+                           f"{self.rg}; create it first")
+        live = self._settle_pools()
+        changed = []
+        for pool in self.cfg.node_pools:
+            outcome, changes = self._ensure_pool(pool, SYSTEM if pool is system else USER)
+            if outcome == "created":
+                changed.append(f"{self.pool_what(pool.name)} created")
+            elif outcome == "updated":
+                changed.append(f"{self.pool_what(pool.name)} updated: {'; '.join(changes)}")
+        wanted = {p.name for p in self.cfg.node_pools}
+        for name, pool in live.items():
+            if name in wanted:
+                continue
+            if not self._pool_is_ours(pool):
+                self.log.info("%s is not in the spec and not Airfleet's: left alone",
+                              self.pool_what(name))
+                continue
+            self._delete_pool(name)
+            changed.append(f"{self.pool_what(name)} deleted")
+        return changed
+
+    def _pool_is_ours(self, pool: Any) -> bool:
+        tags = pool.properties.tags or {}
+        return tags.get(TAG_MANAGED_BY) == MANAGED_BY_VALUE and tags.get(TAG_CLUSTER) == self.name
+
+    # ---- credentials ------------------------------------------------------------------------
+
+    def admin_kubeconfig(self) -> bytes:
+        """The cluster's admin kubeconfig (``listClusterAdminCredential``). Never logged."""
+        cluster = self._get_cluster()
+        if cluster is None:
+            raise AKSError(f"AKS cluster {self.name} does not exist in resource group {self.rg}")
+        self._check_ours(cluster)
+        with self._azure(f"AKS cluster {self.name}: list admin credentials"):
+            creds = self.client.managed_clusters.list_cluster_admin_credentials(
+                self.rg, self.name)
+        configs = list(creds.kubeconfigs or [])
+        chosen = next((c for c in configs if c.name == "clusterAdmin"),
+                      configs[0] if configs else None)
+        if chosen is None or not chosen.value:
+            raise AKSError(f"AKS cluster {self.name}: no admin kubeconfig was returned (local "
+                           "accounts disabled?)")
+        self.log.info("AKS cluster %s: admin kubeconfig fetched (%d bytes)", self.name,
+                      len(chosen.value))
+        return bytes(chosen.value)
+
+    # ---- teardown ---------------------------------------------------------------------------
+
+    def teardown(self, *, only: Collection[str] | None = None) -> list[str]:
+        """Delete the User pools, then the cluster (which takes its System pool), and wait
+        until they are gone; "already gone" is success.
+
+        :param only: just these resources, named as ``on_created`` named them (cleanup of what
+            a failed run created, e.g. only the pool it added to an adopted cluster).
+        :return: what is left (empty when clean); the reason is logged.
+        :raises AKSError: the cluster exists and is not Airfleet's (nothing is deleted).
+        """
+        cluster = self._get_cluster()
+        if cluster is not None:
+            self._check_ours(cluster)
+        with_cluster = only is None or self.cluster_what in only
+        pools: list[str] = []
+        try:
+            if cluster is not None:
+                cluster = self._settle_cluster(cluster)
+            if cluster is None:
+                self.log.info("AKS cluster %s is already gone", self.name)
+                return []
+            # The cluster's delete takes its System pool(s); alone, the last one cannot go.
+            pools = [name for name, pool in self._pools().items()
+                     if (only is None or self.pool_what(name) in only)
+                     and not (with_cluster and _text(pool.properties.mode) == SYSTEM)]
+            for name in pools:
+                self._delete_pool(name)
+            if with_cluster:
+                self.log.info("AKS cluster %s: deleting", self.name)
+                with self._azure(f"AKS cluster {self.name}: delete"):
+                    poller = self.client.managed_clusters.begin_delete(self.rg, self.name)
+                self._wait(poller, f"AKS cluster {self.name}: delete")
+        except AKSError as exc:
+            left = self._leftovers(pools, with_cluster)
+            self.log.error("AKS cluster %s: teardown incomplete (%s); left: %s; manual cleanup "
+                           "may be required", self.name, exc, ", ".join(left) or "nothing")
+            return left
+        return []
+
+    def _delete_pool(self, name: str) -> None:
+        what = self.pool_what(name)
+        self.log.info("%s: deleting", what)
+        with self._azure(f"{what}: delete"):
+            poller = self.client.agent_pools.begin_delete(self.rg, self.name, name)
+        self._wait(poller, f"{what}: delete")
+
+    def _leftovers(self, pools: list[str], with_cluster: bool) -> list[str]:
+        try:
+            if self._get_cluster() is None:
+                return []
+            present = self._pools()
+        except AKSError:
+            return ([self.cluster_what] if with_cluster else []) + [
+                self.pool_what(n) for n in pools]
+        return ([self.cluster_what] if with_cluster else []) + [
+            self.pool_what(n) for n in pools if n in present]
+
+    # ---- reading and waiting ----------------------------------------------------------------
+
+    @contextmanager
+    def _azure(self, what: str) -> Iterator[None]:
+        """Azure's refusal as an AKSError with its code and message."""
+        try:
+            yield
+        except HttpResponseError as exc:
+            raise _aks_error(what, exc) from None
+
+    def _get_cluster(self) -> Any | None:
+        """The cluster, or None when it (or its resource group) does not exist."""
+        with self._azure(f"AKS cluster {self.name}: read"):
+            try:
+                return self.client.managed_clusters.get(self.rg, self.name)
+            except ResourceNotFoundError:
+                return None
+
+    def _get_pool(self, name: str) -> Any | None:
+        with self._azure(f"{self.pool_what(name)}: read"):
+            try:
+                return self.client.agent_pools.get(self.rg, self.name, name)
+            except ResourceNotFoundError:
+                return None
+
+    def _pools(self) -> dict[str, Any]:
+        with self._azure(f"AKS cluster {self.name}: list agent pools"):
+            return {p.name: p for p in self.client.agent_pools.list(self.rg, self.name)}
+
+    def _wait(self, poller: Any, what: str) -> Any:
+        """The poller's result; an operation that ended Failed/Canceled is an AKSError with
+        Azure's code and message."""
+        with self._azure(what):
+            resource = poller.result(timeout=self.wait_seconds)
+        if not poller.done():
+            raise AKSError(f"{what}: still {poller.status()} after {self.wait_seconds:g}s")
+        return resource
+
+    def _settle_cluster(self, cluster: Any) -> Any | None:
+        """Wait (GET by GET) until no operation runs on the cluster; None once it is gone
+        (it was being deleted)."""
+        return self._settle(cluster, self._get_cluster, f"AKS cluster {self.name}")
+
+    def _settle_pools(self) -> dict[str, Any]:
+        """The cluster's pools, each waited for until no operation runs on it (AKS refuses a
+        write on a cluster while one of its pools is busy)."""
+        pools = {}
+        for name, pool in self._pools().items():
+            pool = self._settle(pool, lambda n=name: self._get_pool(n), self.pool_what(name))
+            if pool is not None:
+                pools[name] = pool
+        return pools
+
+    def _settle(self, resource: Any, read: Callable[[], Any | None], what: str) -> Any | None:
+        deadline = time.monotonic() + self.wait_seconds
+        while resource is not None and _state(resource) not in SETTLED:
+            if time.monotonic() > deadline:
+                raise AKSError(f"{what} still {_state(resource)} after {self.wait_seconds:g}s")
+            self.log.info("%s is %s (an operation runs on it); waiting", what, _state(resource))
+            self.sleep(self.poll_seconds)
+            resource = read()
+        return resource
+
+
+def _aks_error(what: str, exc: HttpResponseError) -> AKSError:
+    error = getattr(exc, "error", None)
+    code = getattr(error, "code", None) or None
+    message = getattr(error, "message", None) or exc.reason or str(exc)
+    text = f"{what}: {code}: {message}" if code else f"{what}: {message}"
+    return AKSError(text, code=code, azure_message=message)
