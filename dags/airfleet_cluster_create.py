@@ -5,8 +5,9 @@ Conf: `{"cluster": {"metadata": {"name": ...}, "spec": {...}}}` (see README).
 
 validate -> lease -> policy `create_cluster` -> register -> Provisioning -> provision
 (eks/aks) -> detect accelerators (Ray nodes start with the GPUs found) -> set up (ssh: Ray head,
-then the workers; kubernetes: namespace, pull secret, router, metrics) -> Running. Re-running
-converges: what exists is adopted.
+then the workers; kubernetes: access and permission check, namespace, pull secret, router,
+metrics, model caches) -> wait until ready (kubernetes: the Deployments Available; a long wait
+moves to the triggerer) -> Running. Re-running converges: what exists is adopted.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from airflow.sdk import dag
 
 from airfleet_airflow import flow
-from airfleet_airflow.operators import DetectAcceleratorsOperator
+from airfleet_airflow.operators import DetectAcceleratorsOperator, WaitReadyOperator
 
 
 @dag(dag_id="airfleet_cluster_create", schedule=None, catchup=False, tags=flow.TAGS,
@@ -30,6 +31,7 @@ def airfleet_cluster_create():
         flow.backend_step.override(task_id="provision")(lease, "provision"),
         DetectAcceleratorsOperator(task_id="detect_accelerators", lease=lease),
         flow.backend_step.override(task_id="apply")(lease, "apply"),
+        WaitReadyOperator(task_id="wait_ready", lease=lease),
         flow.finish.override(task_id="running")(lease, "Running", "Created"),
     )
 

@@ -5,8 +5,9 @@ Conf: `{"cluster": {"metadata": {"name": ...}, "spec": {...}}}` describing a clu
 already runs.
 
 validate -> lease -> policy `onboard_cluster` -> register (sealed credentials into the vault)
--> discover it read-only (nodes, health) -> detect accelerators -> install only what is missing
--> Running. Nothing that runs is restarted.
+-> discover it read-only (nodes, health; kubernetes: access and permissions) -> detect
+accelerators -> install only what is missing (kubernetes: namespace, router, metrics, ...) ->
+wait until ready -> Running. Nothing that runs is restarted or changed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from airflow.sdk import dag
 
 from airfleet_airflow import flow
-from airfleet_airflow.operators import DetectAcceleratorsOperator
+from airfleet_airflow.operators import DetectAcceleratorsOperator, WaitReadyOperator
 
 
 @dag(dag_id="airfleet_cluster_onboard", schedule=None, catchup=False, tags=flow.TAGS,
@@ -28,6 +29,8 @@ def airfleet_cluster_onboard():
         flow.register(checked, lease),
         flow.backend_step.override(task_id="discover")(lease, "query"),
         DetectAcceleratorsOperator(task_id="detect_accelerators", lease=lease),
+        flow.backend_step.override(task_id="install_missing")(lease, "install_missing"),
+        WaitReadyOperator(task_id="wait_ready", lease=lease),
         flow.finish.override(task_id="running")(lease, "Running", "Onboarded"),
     )
 

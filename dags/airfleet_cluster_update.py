@@ -7,7 +7,8 @@ type and provider.
 validate -> lease -> policy `update_cluster` -> record the desired spec (generation + 1 when it
 changed) -> Updating -> detect accelerators -> drain the removed workers (`ray drain-node`,
 waiting in the triggerer up to the spec's `drain_deadline_seconds`, then a forced stop) ->
-converge (new workers join) -> Running. A changed head is refused.
+converge (new workers join; kubernetes: objects patched to the spec) -> wait until ready ->
+Running. A changed head is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from __future__ import annotations
 from airflow.sdk import dag
 
 from airfleet_airflow import flow
-from airfleet_airflow.operators import DetectAcceleratorsOperator, RayDrainNodesOperator
+from airfleet_airflow.operators import (
+    DetectAcceleratorsOperator,
+    RayDrainNodesOperator,
+    WaitReadyOperator,
+)
 
 
 @dag(dag_id="airfleet_cluster_update", schedule=None, catchup=False, tags=flow.TAGS,
@@ -31,6 +36,7 @@ def airfleet_cluster_update():
         DetectAcceleratorsOperator(task_id="detect_accelerators", lease=lease),
         RayDrainNodesOperator(task_id="drain_removed_workers", lease=lease),
         flow.backend_step.override(task_id="apply")(lease, "apply"),
+        WaitReadyOperator(task_id="wait_ready", lease=lease),
         flow.finish.override(task_id="running")(lease, "Running", "Updated"),
     )
 

@@ -585,3 +585,15 @@ def from_node_labels(labels: Mapping[str, str],
         vendor=_vendor(vendors), count=nvidia_count + amd_count,
         stages=(device, driver, runtime), models=models,
         gpu_memory_mib=memory if nvidia_count else None, source=SOURCE_NODE_LABELS)
+
+
+def cluster_totals(per_node: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A cluster's accelerators from its nodes' reports (``AcceleratorReport.to_dict()``, or
+    ``{"count": 0, "error": ...}`` for a node that could not be probed): the total count, the
+    count per model, and the per-node reports."""
+    models: dict[str, int] = {}
+    for report in per_node.values():
+        for model, n in (report.get("models") or {}).items():
+            models[model] = models.get(model, 0) + n
+    return {"count": sum(r.get("count", 0) for r in per_node.values()), "models": models,
+            "nodes": dict(per_node)}

@@ -4,6 +4,8 @@
   (``AIRFLOW_HOME`` defaults to ``~/airflow``, as in Airflow).
 - ``AIRFLEET_KEYS_DIR``: the vault's key pair. Default: ``$AIRFLOW_HOME/airfleet-keys``.
 - ``AIRFLEET_POLICIES_DIR``: governance policies. Default: the repository's ``policies/``.
+- ``AIRFLEET_READY_INLINE_SECONDS``: how long a readiness wait watches inside its task before
+  it moves to Airflow's triggerer (freeing the worker slot). Default: 30.
 """
 
 from __future__ import annotations
@@ -30,3 +32,7 @@ def keys_dir() -> Path:
 def policies_dir() -> Path:
     default = Path(__file__).resolve().parents[2] / "policies"
     return Path(os.environ.get("AIRFLEET_POLICIES_DIR") or default)
+
+
+def ready_inline_seconds() -> float:
+    return float(os.environ.get("AIRFLEET_READY_INLINE_SECONDS") or 30)

@@ -134,14 +134,9 @@ def run_verb(store: Store, lease: LeaseRef, verb: str, clients_for: ClientsFor |
              **kwargs: Any) -> Any:
     """Call one backend verb on the recorded cluster. On failure the cluster is recorded
     Failed with the reason, then the error propagates (the task fails)."""
-    # Renewing first keeps the lease alive through a long flow, and stops at once a run
-    # whose lease was taken over (StaleFencingToken).
-    store.renew_lease(lease.name, lease.holder, lease.token)
-    record = store.require_cluster(lease.name)
-    backend = get_backend(record.cluster.spec.type)
-    ctx = _context(store, lease, clients_for(record.cluster) if clients_for else {})
+    call = _prepare(store, lease, verb, clients_for, kwargs)
     try:
-        result = getattr(backend, verb)(record.cluster, ctx, **kwargs)
+        result = call()
         if isinstance(result, Observation):
             _record_observation(store, lease, result)
         elif verb == "detect_accelerators":
@@ -151,6 +146,25 @@ def run_verb(store: Store, lease: LeaseRef, verb: str, clients_for: ClientsFor |
                    f"{verb} failed: {exc}")
         raise
     return result
+
+
+def probe(store: Store, lease: LeaseRef, verb: str, clients_for: ClientsFor | None = None,
+          **kwargs: Any) -> Any:
+    """Call a read-only backend verb under the lease and return what it saw, recording
+    nothing: a look taken while a wait goes on (the wait's last look is a :func:`run_verb`)."""
+    return _prepare(store, lease, verb, clients_for, kwargs)()
+
+
+def _prepare(store: Store, lease: LeaseRef, verb: str, clients_for: ClientsFor | None,
+             kwargs: dict[str, Any]) -> Callable[[], Any]:
+    """The backend call of ``verb`` on the recorded cluster, ready to run."""
+    # Renewing first keeps the lease alive through a long flow, and stops at once a run
+    # whose lease was taken over (StaleFencingToken).
+    store.renew_lease(lease.name, lease.holder, lease.token)
+    record = store.require_cluster(lease.name)
+    method = getattr(get_backend(record.cluster.spec.type), verb)
+    ctx = _context(store, lease, clients_for(record.cluster) if clients_for else {})
+    return lambda: method(record.cluster, ctx, **kwargs)
 
 
 def finish(store: Store, lease: LeaseRef, phase: Phase, reason: str,

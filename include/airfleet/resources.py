@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -53,6 +54,23 @@ LabelKey = Annotated[
     StringConstraints(pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
                       max_length=316),
 ]
+# A container image pinned by tag or digest ([registry[:port]/]path:tag | ...@sha256:<hex>);
+# "latest" moves under you, so it is refused like a missing tag.
+IMAGE_PATTERN = (r"^([A-Za-z0-9.-]+(:[0-9]+)?/)?[a-z0-9]+([._/-][a-z0-9]+)*"
+                 r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|@sha256:[0-9a-f]{64})$")
+
+
+def _not_latest(image: str) -> str:
+    if image.endswith(":latest"):
+        raise PydanticCustomError("image_latest", "{image}: pin a version tag, not latest",
+                                  {"image": image})
+    return image
+
+
+Image = Annotated[str, StringConstraints(pattern=IMAGE_PATTERN, max_length=512),
+                  AfterValidator(_not_latest),
+                  Field(description="container image pinned by tag or digest (not latest)",
+                        json_schema_extra={"not": {"pattern": ":latest$"}})]
 # pydantic states the key rule as patternProperties; without this, other keys would pass the schema.
 Labels = Annotated[dict[LabelKey, LabelValue],
                    Field(json_schema_extra={"additionalProperties": False})]
@@ -190,7 +208,7 @@ class ModelCache(Strict):
 
 
 class RayConfig(Strict):
-    image: str = "rayproject/ray:2.60.0"
+    image: Image = "rayproject/ray:2.60.0"
     version: str = "2.60.0"
     executable: str = Field("ray", description="ray executable, for container_runtime none")
     gcs_port: Int = Field(6379, ge=1, le=65535)
@@ -234,14 +252,14 @@ class Ingress(Strict):
 
 
 class RouterConfig(Strict):
-    image: str = "airfleet/router:0.1.0"
+    image: Image = "airfleet/router:0.1.0"
     replicas: Int = Field(1, ge=1, le=50)
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     ingress: Ingress | None = None
 
 
 class MetricsConfig(Strict):
-    image: str = "victoriametrics/vmagent:v1.106.1"
+    image: Image = "victoriametrics/vmagent:v1.106.1"
     remote_write_url: Annotated[str, StringConstraints(pattern=r"^https?://")] | None = None
     scrape_interval: Annotated[str, StringConstraints(pattern=r"^[0-9]+[smh]$")] = "30s"
 
@@ -251,6 +269,10 @@ class KubernetesConfig(Strict):
         None, description="the kubeconfig; required for provider existing, made by eks/aks")
     router: RouterConfig = Field(default_factory=RouterConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    ready_timeout_seconds: Int = Field(
+        600, ge=1, le=7200,
+        description="how long the components may take to become Available (image pulls "
+                    "included) before the flow fails naming the ones that are not")
 
 
 class Taint(Strict):
@@ -268,6 +290,9 @@ class NodePool(Strict):
     gpu: StrictBool = False
     labels: Labels = Field(default_factory=dict)
     taints: list[Taint] = Field(default_factory=list)
+    ami_type: Annotated[str, StringConstraints(pattern=r"^[A-Z0-9_]+$")] | None = Field(
+        None, description="EKS node AMI type (default AL2023_x86_64_NVIDIA for GPU pools, "
+                          "AL2023_x86_64_STANDARD otherwise); ignored on AKS")
 
     @model_validator(mode="after")
     def _bounds(self) -> NodePool:
@@ -277,11 +302,45 @@ class NodePool(Strict):
         return self
 
 
+# Instance types that carry a GPU: EC2's accelerated families g* and p* (g5.xlarge, p4d.24xlarge,
+# p6-b200.48xlarge, gr6.4xlarge), Azure's N-series VM sizes (Standard_NC24ads_A100_v4, ND, NV).
+EKS_GPU_INSTANCE = r"^(g|gr|p)[0-9][a-z0-9]*(-[a-z0-9]+)?\.[a-z0-9]+$"
+AKS_GPU_VM_SIZE = r"^Standard_N[CDV][A-Za-z0-9_]+$"
+AKS_POOL_NAME = r"^[a-z][a-z0-9]{0,11}$"  # AKS agent pool names: no '-', at most 12
+
+
+def _gpu_pools_rule(pattern: str) -> dict[str, Any]:
+    """JSON schema: a pool with ``gpu: true`` lists only instance types matching ``pattern``."""
+    return {"properties": {"node_pools": {"items": {
+        "if": {"properties": {"gpu": {"const": True}}, "required": ["gpu"]},
+        "then": {"properties": {"instance_types": {"items": {"pattern": pattern}}}}}}}}
+
+
+def _check_gpu_pools(pools: list[NodePool], pattern: str, example: str) -> list[NodePool]:
+    for i, pool in enumerate(pools):
+        for j, kind in enumerate(pool.instance_types):
+            if pool.gpu and not re.fullmatch(pattern, kind):
+                raise PydanticCustomError(
+                    "gpu_instance_type",
+                    "pool {pool} has gpu: true but {kind} has no GPU; use a GPU instance type "
+                    "such as {example}", {"at": f"{i}.instance_types.{j}", "pool": pool.name,
+                                         "kind": kind, "example": example})
+    return pools
+
+
 class EKSConfig(Strict):
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        _gpu_pools_rule(EKS_GPU_INSTANCE),
+        {"if": {"properties": {"node_pools": {"minItems": 1}}, "required": ["node_pools"]},
+         "then": {"required": ["node_role_arn"],
+                  "properties": {"node_role_arn": {"type": "string"}}}}]})
+
     credential: CredentialRef = Field(description="an Airflow AWS connection")
     region: Annotated[str, StringConstraints(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")]
     version: Annotated[str, StringConstraints(pattern=r"^1\.[0-9]+$")] = "1.31"
     role_arn: Annotated[str, StringConstraints(pattern=r"^arn:aws[a-z-]*:iam::")]
+    node_role_arn: Annotated[str, StringConstraints(pattern=r"^arn:aws[a-z-]*:iam::")] | None = \
+        Field(None, description="IAM role of the node groups' instances (needed with node_pools)")
     subnet_ids: list[str] = Field(min_length=1)
     security_group_ids: list[str] = Field(default_factory=list)
     endpoint_public_access: StrictBool = True
@@ -289,10 +348,24 @@ class EKSConfig(Strict):
     node_pools: list[NodePool] = Field(default_factory=list)
     tags: dict[str, str] = Field(default_factory=dict)
 
+    @field_validator("node_pools")
+    @classmethod
+    def _gpu_instance_types(cls, pools: list[NodePool]) -> list[NodePool]:
+        return _check_gpu_pools(pools, EKS_GPU_INSTANCE, "g5.xlarge")
+
+    @model_validator(mode="after")
+    def _pools_need_a_node_role(self) -> EKSConfig:
+        if self.node_pools and self.node_role_arn is None:
+            raise _at("node_role_arn", "node pools need node_role_arn, the IAM role their "
+                      "instances run with")
+        return self
+
 
 class AKSConfig(Strict):
-    model_config = ConfigDict(json_schema_extra={"allOf": [{"properties": {"node_pools": {
-        "items": {"properties": {"instance_types": {"maxItems": 1}}}}}}]})
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"properties": {"node_pools": {"items": {"properties": {
+            "instance_types": {"maxItems": 1}, "name": {"pattern": AKS_POOL_NAME}}}}}},
+        _gpu_pools_rule(AKS_GPU_VM_SIZE)]})
 
     credential: CredentialRef = Field(description="an Airflow Azure connection")
     subscription_id: Annotated[str, StringConstraints(
@@ -314,7 +387,13 @@ class AKSConfig(Strict):
                 raise PydanticCustomError("aks_vm_size",
                                           "pool {pool}: instance_types holds exactly one VM size on AKS",
                                           {"at": f"{i}.instance_types", "pool": pool.name})
-        return pools
+        for i, pool in enumerate(pools):
+            if not re.fullmatch(AKS_POOL_NAME, pool.name):
+                raise PydanticCustomError(
+                    "aks_pool_name", "AKS pool names are a lowercase letter then up to 11 "
+                    "lowercase letters or digits (no '-'); got {pool}",
+                    {"at": f"{i}.name", "pool": pool.name})
+        return _check_gpu_pools(pools, AKS_GPU_VM_SIZE, "Standard_NC24ads_A100_v4")
 
 
 class ClusterConfig(Strict):
@@ -432,6 +511,10 @@ class NodeStatus(BaseModel):
     ray_node_id: str | None = None
     message: str = ""
     observed_at: datetime | None = None
+    # Kubernetes nodes: what the node reports (status.capacity / allocatable, metadata.labels).
+    capacity: dict[str, str] = Field(default_factory=dict)
+    allocatable: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 class Condition(BaseModel):
@@ -590,6 +673,7 @@ _PATTERN_HINTS = {
                   "with a letter or digit",
     ENVELOPE_PATTERN: "an envelope made by `airfleet seal` (afv1.<key id>.<key>.<nonce>.<data>)",
     VAULT_ID_PATTERN: "a vault id (vlt_ and 32 hex digits)",
+    IMAGE_PATTERN: "an image pinned by tag or digest ([registry/]path:tag or path@sha256:...)",
 }
 
 

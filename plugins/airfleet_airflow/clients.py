@@ -20,6 +20,7 @@ from airfleet.errors import InvalidRequest
 from airfleet.resources import Cluster, CredentialRef
 
 SSH_FIELD = "cluster.spec.config.ssh.credential"
+KUBE_FIELD = "cluster.spec.config.kubernetes.credential"
 REGISTRY_FIELD = "cluster.spec.image_registry"
 
 
@@ -43,6 +44,39 @@ def ssh_access(cluster: Cluster):
                           host_key=host_key)
     except InvalidNodeAccess as exc:
         raise InvalidRequest(f"{SSH_FIELD}: {exc}") from None
+
+
+def kubernetes_client(cluster: Cluster):
+    """An ``ApiClient`` from the cncf-kubernetes provider's hook: the kubeconfig of an Airflow
+    Kubernetes connection (its ``kube_config`` / ``kube_config_path`` extras), or a kubeconfig
+    (YAML or JSON) kept in the vault. Each call gets its own client configuration, so clusters
+    never share the process-wide default."""
+    import yaml
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+    from kubernetes.client import Configuration
+
+    cfg = cluster.spec.config.kubernetes
+    ref = cfg.credential if cfg else None
+    if ref is None:
+        raise InvalidRequest(f"{KUBE_FIELD}: give the kubeconfig as a credential reference")
+    if ref.airflow_conn_id:
+        _connection(ref.airflow_conn_id, KUBE_FIELD)
+        hook = KubernetesHook(conn_id=ref.airflow_conn_id, client_configuration=Configuration())
+    else:
+        try:
+            config = yaml.safe_load(_vault_text(ref, KUBE_FIELD))
+        except yaml.YAMLError:
+            config = None
+        if not isinstance(config, dict):
+            raise InvalidRequest(f"{KUBE_FIELD}: the vault secret is not a kubeconfig (YAML or "
+                                 "JSON with clusters, users and contexts)")
+        hook = KubernetesHook(conn_id=None, config_dict=config,
+                              client_configuration=Configuration())
+    try:
+        return hook.get_conn()
+    except Exception as exc:  # the config loader's own errors say what is wrong with it
+        raise InvalidRequest(f"{KUBE_FIELD}: the kubeconfig cannot be used: "
+                             f"{type(exc).__name__}: {exc}") from None
 
 
 def registry_login(cluster: Cluster) -> dict[str, str] | None:
@@ -129,4 +163,4 @@ def _vault_text(ref: CredentialRef, field: str) -> str:
         raise InvalidRequest(f"{field}: {exc}") from None
 
 
-BUILDERS = {"ssh": ssh_access, "registry": registry_login}
+BUILDERS = {"ssh": ssh_access, "registry": registry_login, "kubernetes": kubernetes_client}

@@ -99,3 +99,58 @@ class RayDrainNodesOperator(_FlowOperator):
         self.log.info("drain ended (%s): %s; forced stop for %s", event["status"],
                       event["message"], event["alive"] or "none")
         self._verb("stop_nodes", forced=event["alive"])
+
+
+class WaitReadyOperator(_FlowOperator):
+    """Wait until the cluster's components are ready (Kubernetes: every Deployment Available).
+
+    The backend says how long the wait may take in all (``ready_timeout``; 0: ``apply``
+    already waited). The first ``inline_seconds`` are a watch inside this task, which is
+    where most waits end; a longer wait moves to the triggerer (:class:`ClusterReadyTrigger`)
+    so no worker slot is held through image pulls. The last look is recorded: not ready at the
+    deadline fails the task, and the cluster, naming each component that is not.
+
+    :param lease: the flow's lease (the ``acquire_lease`` XCom).
+    :param inline_seconds: how long to watch in the task before deferring (default
+        ``AIRFLEET_READY_INLINE_SECONDS``, 30).
+    :param poll_interval: seconds between looks while deferred.
+    """
+
+    def __init__(self, *, lease: Any, inline_seconds: float | None = None,
+                 poll_interval: float = 5.0, **kwargs: Any) -> None:
+        super().__init__(lease=lease, **kwargs)
+        self.inline_seconds = inline_seconds
+        self.poll_interval = poll_interval
+
+    def execute(self, context: Any) -> None:
+        import time
+
+        from airfleet import config, flows
+        from airfleet.backends import get_backend
+        from airfleet.store import Store
+        from airfleet_airflow.clients import clients_for
+        from airfleet_airflow.flow import permanent_error
+        from airfleet_airflow.triggers import ClusterReadyTrigger
+
+        store, ref = Store(), flows.LeaseRef.from_dict(self.lease)
+        cluster = store.require_cluster(ref.name).cluster
+        total = get_backend(cluster.spec.type).ready_timeout(cluster)
+        deadline = time.time() + total
+        inline = config.ready_inline_seconds() if self.inline_seconds is None \
+            else self.inline_seconds
+        if total > inline:
+            try:
+                seen = flows.probe(store, ref, "wait_ready", clients_for, timeout=inline)
+            except Exception as exc:
+                raise permanent_error(exc) from None
+            if not seen.healthy:
+                self.log.info("%s; waiting up to %.0fs more in the triggerer", seen.message,
+                              deadline - time.time())
+                self.defer(trigger=ClusterReadyTrigger(self.lease, deadline, self.poll_interval),
+                           method_name="execute_complete",
+                           timeout=timedelta(seconds=total) + DEFER_MARGIN)
+        self._verb("wait_ready", timeout=max(0.0, deadline - time.time()))
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> None:
+        self.log.info("readiness wait ended: %s", (event or {}).get("message", "no event"))
+        self._verb("wait_ready", timeout=0)

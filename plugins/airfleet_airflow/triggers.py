@@ -60,3 +60,44 @@ class RayNodesDeadTrigger(BaseTrigger):
     def _event(self, status: str, alive: list[str], message: str) -> TriggerEvent:
         return TriggerEvent({"status": status, "alive": alive, "message": message,
                              "dead": [a for a in self.nodes if a not in alive]})
+
+
+class ClusterReadyTrigger(BaseTrigger):
+    """Looks every ``poll_interval`` seconds until the cluster's components are ready or the
+    deadline passes, then yields ``{"ready": bool, "message": str}``.
+
+    It carries only the flow's lease (cluster name, run, fencing token: no secret); each look
+    builds the cluster's clients afresh from the store, the vault and Airflow's connections,
+    in a thread, and renews the lease. A look that fails is retried until the deadline.
+    """
+
+    def __init__(self, lease: dict[str, Any], deadline: float, poll_interval: float = 5.0):
+        super().__init__()
+        self.lease = dict(lease)
+        self.deadline = deadline
+        self.poll_interval = poll_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}",
+                {"lease": self.lease, "deadline": self.deadline,
+                 "poll_interval": self.poll_interval})
+
+    def _look(self) -> tuple[bool, str]:
+        from airfleet import flows
+        from airfleet.store import Store
+        from airfleet_airflow.clients import clients_for
+
+        seen = flows.probe(Store(), flows.LeaseRef.from_dict(self.lease), "wait_ready",
+                           clients_for, timeout=0)
+        return seen.healthy, seen.message
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        while True:
+            try:
+                ready, message = await asyncio.to_thread(self._look)
+            except Exception as exc:  # noqa: BLE001 - looked at again until the deadline
+                ready, message = False, f"could not look: {exc}"
+            if ready or time.time() >= self.deadline:
+                yield TriggerEvent({"ready": ready, "message": message})
+                return
+            await asyncio.sleep(min(self.poll_interval, max(0.0, self.deadline - time.time())))

@@ -1,9 +1,10 @@
 """End to end: Airflow started as README's run command starts it, driven over REST with the
 official client (``apache-airflow-client``).
 
-The recording backend of ``tests/fakes`` stands in for the product backends (registered
+The recording backend of ``tests/fakes`` stands in for the static-nodes backend (registered
 through ``AIRFLEET_BACKENDS``), so these tests show the flow machinery inside a real
-scheduler, executor and api-server.
+scheduler, executor and api-server. The Kubernetes backend is the real one, against the fake
+API server of ``tests/fakes``, with its readiness wait moved to the real triggerer.
 """
 
 from __future__ import annotations
@@ -38,14 +39,31 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def airflow(tmp_path_factory):
+def kube_api():
+    from tests.fakes.kube_apiserver import FakeKubeAPIServer
+
+    # Long enough that the Deployments are still rolling out when wait_ready first looks
+    # (a task start alone takes about 4 s), so the wait must move to the triggerer.
+    with FakeKubeAPIServer(ready_delay=15.0) as server:
+        server.add_node("gpu-1", labels={"nvidia.com/gpu.product": "NVIDIA-L4",
+                                         "feature.node.kubernetes.io/pci-10de.present": "true"},
+                        allocatable={"nvidia.com/gpu": "1"})
+        yield server
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory, kube_api):
     """`bin/airfleet-dev run` (what `make run` runs) on a free port and a private home."""
     home = tmp_path_factory.mktemp("e2e-airflow-home")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AIRFLEET"))}
     env.update(AIRFLEET_AIRFLOW_HOME=str(home), AIRFLEET_PORT=str(port),
-               AIRFLEET_BACKENDS=f"ssh={FAKE},kubernetes={FAKE}",
+               AIRFLEET_BACKENDS=f"ssh={FAKE}",
                AIRFLEET_FAKE_BACKEND_LOG=str(home / "calls.jsonl"),
+               # Every readiness wait moves to the triggerer at once.
+               AIRFLEET_READY_INLINE_SECONDS="0",
+               AIRFLOW_CONN_K8S_FAKE=json.dumps({"conn_type": "kubernetes", "extra": {
+                   "kube_config": json.dumps(kube_api.kubeconfig())}}),
                PYTHONPATH=str(ROOT))
     log = open(home / "standalone.log", "w")
     proc = subprocess.Popen([str(ROOT / "bin" / "airfleet-dev"), "run"], cwd=ROOT, env=env,
@@ -122,24 +140,50 @@ def _trigger(client, dag_id: str, conf: dict):
 
 
 def _wait_run(client, dag_id: str, run_id: str, timeout: float = 300) -> str:
+    """The run's final state; a failed run prints its failed tasks' logs (for CI)."""
     import airflow_client.client as af
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = af.DagRunApi(client).get_dag_run(dag_id, run_id).state
-        if str(state.value if hasattr(state, "value") else state) in ("success", "failed"):
-            return str(state.value if hasattr(state, "value") else state)
+        state = str(state.value if hasattr(state, "value") else state)
+        if state == "failed":
+            _print_failed_tasks(client, dag_id, run_id)
+        if state in ("success", "failed"):
+            return state
         time.sleep(2)
+    _print_failed_tasks(client, dag_id, run_id)
     pytest.fail(f"{dag_id} {run_id} did not finish in {timeout} s")
 
 
-def _log(client, dag_id: str, run_id: str, task_id: str) -> str:
+def _print_failed_tasks(client, dag_id: str, run_id: str) -> None:
     import airflow_client.client as af
 
-    content = af.TaskInstanceApi(client).get_log(dag_id, run_id, task_id, 1,
+    for ti in af.TaskInstanceApi(client).get_task_instances(dag_id, run_id).task_instances:
+        state = str(getattr(ti.state, "value", ti.state))
+        print(f"task {ti.task_id}: {state}")
+        if state not in ("success", "skipped", "None"):
+            print(_log(client, dag_id, run_id, ti.task_id, ti.try_number or 1)[-4000:])
+
+
+def _log(client, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+    import airflow_client.client as af
+
+    content = af.TaskInstanceApi(client).get_log(dag_id, run_id, task_id, try_number,
                                                  full_content=True).content
     return json.dumps([c.to_dict() if hasattr(c, "to_dict") else c for c in content],
                       default=str)
+
+
+def _log_until(client, dag_id: str, run_id: str, task_id: str, text: str,
+               timeout: float = 30) -> str:
+    """The task's log once it shows ``text`` (log shipping may trail the run's end)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = _log(client, dag_id, run_id, task_id)
+        if text in log or time.monotonic() > deadline:
+            return log
+        time.sleep(1)
 
 
 def _store(airflow):
@@ -203,3 +247,28 @@ def test_create_then_delete_over_rest(client, dags_parsed, airflow):
     calls = [json.loads(line)["verb"]
              for line in (airflow["home"] / "calls.jsonl").read_text().splitlines()]
     assert calls == ["provision", "detect_accelerators", "apply", "teardown"]
+
+
+def test_a_kubernetes_cluster_over_rest_waits_in_the_triggerer(client, dags_parsed, airflow,
+                                                                kube_api):
+    from airfleet.backends.kubernetes import manifests as m
+
+    cluster = {"metadata": {"name": "e2e-k8s"},
+               "spec": {"type": "kubernetes", "provider": "existing",
+                        "config": {"kubernetes": {"credential": {"airflow_conn_id": "k8s_fake"}}}}}
+    run = _trigger(client, "airfleet_cluster_create", {"cluster": cluster})
+    assert _wait_run(client, "airfleet_cluster_create", run.dag_run_id) == "success"
+    waited = _log_until(client, "airfleet_cluster_create", run.dag_run_id, "wait_ready",
+                        "readiness wait ended")
+    # It deferred, and resumed when the trigger fired.
+    assert "waiting up to" in waited and "readiness wait ended" in waited, waited
+    record = _store(airflow).require_cluster("e2e-k8s")
+    assert record.phase.value == "Running"
+    assert record.cluster.status.accelerators["models"] == {"NVIDIA-L4": 1}
+    ns = m.namespace_of("e2e-k8s")
+    assert kube_api.get("Deployment", m.ROUTER, ns) is not None
+
+    run = _trigger(client, "airfleet_cluster_delete", {"name": "e2e-k8s"})
+    assert _wait_run(client, "airfleet_cluster_delete", run.dag_run_id) == "success"
+    assert kube_api.get("Namespace", ns) is None
+    assert _store(airflow).get_cluster("e2e-k8s") is None

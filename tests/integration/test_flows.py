@@ -158,7 +158,10 @@ def test_what_the_schema_cannot_say_fails_the_validate_task_and_touches_nothing(
 
 def test_a_type_without_backend_fails_in_validate_and_touches_nothing(dags, fake, monkeypatch,
                                                                       capfd, caplog):
-    monkeypatch.setenv("AIRFLEET_BACKENDS", f"ssh={FAKE}")  # no kubernetes backend yet
+    from airfleet import backends
+
+    monkeypatch.setenv("AIRFLEET_BACKENDS", f"ssh={FAKE}")
+    monkeypatch.delitem(backends.BUILTIN, "kubernetes")  # a deployment without that backend
     cluster = {"metadata": {"name": "llm-a"},
                "spec": {"type": "kubernetes", "provider": "existing", "config": {"kubernetes": {
                    "credential": {"airflow_conn_id": "k8s"}}}}}

@@ -100,6 +100,7 @@ def eks_cluster() -> dict[str, Any]:
                 "region": "us-east-1",
                 "version": "1.31",
                 "role_arn": "arn:aws:iam::123456789012:role/eks",
+                "node_role_arn": "arn:aws:iam::123456789012:role/eks-node",
                 "subnet_ids": ["subnet-1", "subnet-2"],
                 "node_pools": [
                     {"name": "cpu", "instance_types": ["m5.large", "m5a.large"],
@@ -279,6 +280,30 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
         "name": "none", "host_path": None}}), "spec.model_caches.0"),
     "cache relative path": (with_changes(ssh_cluster(), {
         "spec.model_caches.0.host_path.path": "data"}), "spec.model_caches.0.host_path.path"),
+    "eks pools without a node role": (with_changes(eks_cluster(), {
+        "spec.config.eks.node_role_arn": DELETE}), "spec.config.eks"),
+    "eks gpu pool without a gpu instance type": (with_changes(eks_cluster(), {
+        "spec.config.eks.node_pools.1.instance_types": ["g5.xlarge", "m5.large"]}),
+        "spec.config.eks.node_pools.1.instance_types.1"),
+    "aks pool name with a hyphen": (with_changes(aks_cluster(), {
+        "spec.config.aks.node_pools.1.name": "gpu-a"}), "spec.config.aks.node_pools.1.name"),
+    "aks gpu pool without a gpu vm size": (with_changes(aks_cluster(), {
+        "spec.config.aks.node_pools.1.instance_types": ["Standard_D4s_v5"]}),
+        "spec.config.aks.node_pools.1.instance_types.0"),
+    "router image without tag": (with_changes(existing_cluster(), {
+        "spec.config.kubernetes.router.image": "airfleet/router"}),
+        "spec.config.kubernetes.router.image"),
+    "router image latest": (with_changes(existing_cluster(), {
+        "spec.config.kubernetes.router.image": "registry.example:5000/airfleet/router:latest"}),
+        "spec.config.kubernetes.router.image"),
+    "vmagent image with spaces": (with_changes(existing_cluster(), {
+        "spec.config.kubernetes.metrics.image": "vm agent:1"}),
+        "spec.config.kubernetes.metrics.image"),
+    "ray image latest": (with_changes(ssh_cluster(), {
+        "spec.config.ssh.ray.image": "rayproject/ray:latest"}), "spec.config.ssh.ray.image"),
+    "unknown service type": (with_changes(existing_cluster(), {
+        "spec.config.kubernetes.router.service_type": "Headless"}),
+        "spec.config.kubernetes.router.service_type"),
     "pvc size without unit": (with_changes(existing_cluster(), {
         "spec.model_caches.2.pvc.size": "500"}), "spec.model_caches.2.pvc.size"),
     "plaintext password in config.ssh": (with_changes(ssh_cluster(), {
@@ -591,3 +616,26 @@ def test_cluster_request_has_no_status():
     assert "status" not in ClusterRequest.model_fields
     assert "status" not in CLUSTER_SCHEMA["properties"]
     assert CLUSTER_SCHEMA["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("image", [
+    "airfleet/router:0.1.0", "registry.example:5000/team/router:v1.2.3-rc.1",
+    "ghcr.io/org/router@sha256:" + "a" * 64, "victoriametrics/vmagent:v1.106.1"])
+def test_pinned_images_pass_both_checks(image):
+    cluster = with_changes(existing_cluster(), {"spec.config.kubernetes.router.image": image})
+    assert schema_errors(cluster) == []
+    assert parse_conf(ClusterConf, {"cluster": cluster}).cluster.spec.config.kubernetes.router.image == image
+
+
+@pytest.mark.parametrize("kind", ["g4dn.xlarge", "g5.48xlarge", "g6e.2xlarge", "gr6.4xlarge",
+                                  "p4d.24xlarge", "p5.48xlarge", "p6-b200.48xlarge"])
+def test_eks_gpu_instance_types_pass_both_checks(kind):
+    cluster = with_changes(eks_cluster(), {"spec.config.eks.node_pools.1.instance_types": [kind]})
+    assert schema_errors(cluster) == []
+    parse_conf(ClusterConf, {"cluster": cluster})
+
+
+def test_a_cpu_pool_takes_any_instance_type():
+    cluster = with_changes(eks_cluster(), {"spec.config.eks.node_pools.0.instance_types": ["c7g.large"]})
+    assert schema_errors(cluster) == []
+    parse_conf(ClusterConf, {"cluster": cluster})

@@ -24,7 +24,8 @@ from airfleet.resources import Cluster, ClusterSpec, Condition, NodeStatus
 log = logging.getLogger(__name__)
 
 # cluster type -> "module:Class". The product backends register here as they land.
-BUILTIN: dict[str, str] = {"ssh": "airfleet.backends.ssh.backend:SSHBackend"}
+BUILTIN: dict[str, str] = {"ssh": "airfleet.backends.ssh.backend:SSHBackend",
+                           "kubernetes": "airfleet.backends.kubernetes.backend:KubernetesBackend"}
 ENV_VAR = "AIRFLEET_BACKENDS"
 
 
@@ -76,6 +77,21 @@ class Backend:
     def apply(self, cluster: Cluster, ctx: BackendContext) -> Observation:
         """Converge the cluster to its spec; return what was observed afterwards."""
         raise self._unsupported("apply")
+
+    def install_missing(self, cluster: Cluster, ctx: BackendContext) -> Observation | None:
+        """Onboarding: create only the components that are missing, touch nothing that runs.
+        None: the type installs nothing of its own."""
+        return None
+
+    def ready_timeout(self, cluster: Cluster) -> float:
+        """How long :meth:`wait_ready` may take in all; 0 when ``apply`` already waited."""
+        return 0.0
+
+    def wait_ready(self, cluster: Cluster, ctx: BackendContext, *,
+                   timeout: float | None = None) -> Observation | None:
+        """Wait up to ``timeout`` seconds (default :meth:`ready_timeout`; 0 looks once) until
+        the cluster's components are ready; read-only. None: nothing to wait for."""
+        return None
 
     def query(self, cluster: Cluster, ctx: BackendContext) -> Observation:
         """Discover a running cluster without changing it (onboarding)."""

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from airfleet.accelerators import detect, probe_command
+from airfleet.accelerators import cluster_totals, detect, probe_command
 from airfleet.backends import Backend, BackendContext, Observation
 from airfleet.backends.ssh import commands, dashboard
 from airfleet.backends.ssh.remote import CommandResult, Remote, run_sync
@@ -341,7 +341,7 @@ class _Run:
         async with Remote(self.ctx.clients["ssh"]) as remote:
             results = await remote.run_all([n.address for n in nodes_of(self.cfg)],
                                            lambda _: probe_command(), check=False)
-        per_node, models, total = {}, {}, 0
+        per_node = {}
         for address, result in results.items():
             if isinstance(result, Exception):
                 per_node[address] = {"count": 0, "error": str(result)}
@@ -349,13 +349,10 @@ class _Run:
                 continue
             found = detect(result.stdout)
             per_node[address] = found.to_dict()
-            total += found.count
-            for model, n in found.models.items():
-                models[model] = models.get(model, 0) + n
             for stage in found.stages:
                 self.log("node %s: %s %s: %s", address, stage.name,
                          {True: "ok", False: "FAILED", None: "n/a"}[stage.ok], stage.message)
-        return {"count": total, "models": models, "nodes": per_node}
+        return cluster_totals(per_node)
 
     # ---- teardown ----------------------------------------------------------------------
 

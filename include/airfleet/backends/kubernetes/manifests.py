@@ -1,0 +1,245 @@
+"""The Kubernetes objects Airfleet keeps in a managed cluster, built from the spec (pure).
+
+Everything lives in one namespace per cluster, ``airfleet-<name>-<hash>``, so deleting the
+namespace removes it all. Every object carries the managed-by and cluster labels and an owner
+annotation: an orphan sweep finds Airfleet's objects with the selector
+``app.kubernetes.io/managed-by=airfleet`` and knows which cluster each belongs to.
+
+The router watches the pods of the namespace labelled ``airfleet.io/endpoint`` (see
+``router/README.md``); the metrics collector (vmagent) scrapes the same pods and
+remote-writes to the spec's URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+from airfleet.resources import Cluster, KubernetesConfig, ModelCache
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "airfleet"
+CLUSTER_LABEL = "airfleet.io/cluster"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+NAME_LABEL = "app.kubernetes.io/name"
+OWNER_ANNOTATION = "airfleet.io/owner"
+ENDPOINT_LABEL = "airfleet.io/endpoint"
+MODEL_LABEL = "airfleet.io/model"
+
+ROUTER = "airfleet-router"
+METRICS = "airfleet-vmagent"
+POD_READER = "airfleet-pod-reader"
+PULL_SECRET = "airfleet-registry"
+REGISTRY_CA = "airfleet-registry-ca"
+CACHES = "airfleet-model-caches"
+ROUTER_PORT = 8080
+VMAGENT_PORT = 8429
+
+
+def namespace_of(cluster_name: str) -> str:
+    """``airfleet-<name>-<8 hex>``: stable for a name, at most 63 characters."""
+    digest = hashlib.sha256(f"airfleet/{cluster_name}".encode()).hexdigest()[:8]
+    return f"airfleet-{cluster_name}-{digest}"
+
+
+def selector(cluster_name: str) -> str:
+    """Label selector of every object Airfleet made for the cluster."""
+    return f"{MANAGED_BY}={MANAGED_BY_VALUE},{CLUSTER_LABEL}={cluster_name}"
+
+
+def kube_config(cluster: Cluster) -> KubernetesConfig:
+    # eks/aks specs may omit the block: the defaults apply.
+    return cluster.spec.config.kubernetes or KubernetesConfig()
+
+
+def desired_objects(cluster: Cluster, registry: dict[str, str] | None) -> list[dict[str, Any]]:
+    """Every object of the cluster, in creation order (namespace first). ``registry``:
+    the resolved registry login (``airfleet_airflow.clients.registry_login``)."""
+    ns = namespace_of(cluster.name)
+    cfg = kube_config(cluster)
+    pull_secrets = [PULL_SECRET] if registry and registry.get("password") else []
+    objects = [namespace(cluster)]
+    if pull_secrets:
+        objects.append(pull_secret(cluster, ns, registry))
+    if registry and registry.get("ca_pem"):
+        objects.append(_meta(cluster, ns, "v1", "ConfigMap", REGISTRY_CA, "registry",
+                             data={"ca.crt": registry["ca_pem"]}))
+    objects += pod_reader(cluster, ns)
+    objects += router(cluster, ns, cfg, pull_secrets)
+    if cfg.metrics.remote_write_url:
+        objects += metrics(cluster, ns, cfg, pull_secrets)
+    objects += model_caches(cluster, ns)
+    return objects
+
+
+def components(cluster: Cluster) -> list[str]:
+    """The Deployments that must be Available for the cluster to be healthy."""
+    return [ROUTER] + ([METRICS] if kube_config(cluster).metrics.remote_write_url else [])
+
+
+# ---- the objects ----------------------------------------------------------------------------
+
+def labels(cluster: Cluster, component: str) -> dict[str, str]:
+    return {MANAGED_BY: MANAGED_BY_VALUE, CLUSTER_LABEL: cluster.name,
+            COMPONENT_LABEL: component}
+
+
+def _meta(cluster: Cluster, ns: str | None, api_version: str, kind: str, name: str,
+          component: str, **body: Any) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name, "labels": labels(cluster, component),
+                                "annotations": {OWNER_ANNOTATION: f"airfleet cluster {cluster.name}"}}
+    if ns:
+        metadata["namespace"] = ns
+    return {"apiVersion": api_version, "kind": kind, "metadata": metadata, **body}
+
+
+def namespace(cluster: Cluster) -> dict[str, Any]:
+    return _meta(cluster, None, "v1", "Namespace", namespace_of(cluster.name), "namespace")
+
+
+def pull_secret(cluster: Cluster, ns: str, registry: dict[str, str]) -> dict[str, Any]:
+    host = registry["url"].split("://", 1)[-1].split("/", 1)[0]
+    auth = base64.b64encode(f"{registry['username']}:{registry['password']}".encode()).decode()
+    config = {"auths": {host: {"username": registry["username"],
+                               "password": registry["password"], "auth": auth}}}
+    return _meta(cluster, ns, "v1", "Secret", PULL_SECRET, "registry",
+                 type="kubernetes.io/dockerconfigjson",
+                 data={".dockerconfigjson": base64.b64encode(json.dumps(config).encode()).decode()})
+
+
+def pod_reader(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
+    """The router and vmagent read the namespace's pods (list + watch), nothing else."""
+    rbac = "rbac.authorization.k8s.io/v1"
+    return [
+        _meta(cluster, ns, "v1", "ServiceAccount", POD_READER, "rbac"),
+        _meta(cluster, ns, rbac, "Role", POD_READER, "rbac",
+              rules=[{"apiGroups": [""], "resources": ["pods", "endpoints", "services"],
+                      "verbs": ["get", "list", "watch"]}]),
+        _meta(cluster, ns, rbac, "RoleBinding", POD_READER, "rbac",
+              roleRef={"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                       "name": POD_READER},
+              subjects=[{"kind": "ServiceAccount", "name": POD_READER, "namespace": ns}]),
+    ]
+
+
+def _deployment(cluster: Cluster, ns: str, name: str, component: str, replicas: int,
+                container: dict[str, Any], pull_secrets: list[str],
+                volumes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    match = {NAME_LABEL: name, CLUSTER_LABEL: cluster.name}
+    pod_spec: dict[str, Any] = {"serviceAccountName": POD_READER, "containers": [container]}
+    if pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s} for s in pull_secrets]
+    if volumes:
+        pod_spec["volumes"] = volumes
+    return _meta(cluster, ns, "apps/v1", "Deployment", name, component, spec={
+        "replicas": replicas,
+        "selector": {"matchLabels": match},
+        "template": {"metadata": {"labels": {**labels(cluster, component), **match}},
+                     "spec": pod_spec}})
+
+
+def router(cluster: Cluster, ns: str, cfg: KubernetesConfig,
+           pull_secrets: list[str]) -> list[dict[str, Any]]:
+    # Ready once its pod list is synced (/healthz); alive while it accepts connections, so an
+    # API server that is briefly away does not get the router restarted.
+    container = {
+        "name": "router", "image": cfg.router.image,
+        "ports": [{"name": "http", "containerPort": ROUTER_PORT}],
+        "env": [{"name": "AIRFLEET_ROUTER_PORT", "value": str(ROUTER_PORT)}],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 10,
+                          "failureThreshold": 6},
+        "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
+                      "limits": {"memory": "512Mi"}}}
+    out = [
+        _deployment(cluster, ns, ROUTER, "router", cfg.router.replicas, container, pull_secrets),
+        _meta(cluster, ns, "v1", "Service", ROUTER, "router", spec={
+            "type": cfg.router.service_type,
+            "selector": {NAME_LABEL: ROUTER, CLUSTER_LABEL: cluster.name},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}),
+    ]
+    if cfg.router.ingress:
+        rule = {"host": cfg.router.ingress.host, "http": {"paths": [{
+            "path": "/", "pathType": "Prefix",
+            "backend": {"service": {"name": ROUTER, "port": {"name": "http"}}}}]}}
+        spec: dict[str, Any] = {"rules": [rule]}
+        if cfg.router.ingress.class_name:
+            spec["ingressClassName"] = cfg.router.ingress.class_name
+        out.append(_meta(cluster, ns, "networking.k8s.io/v1", "Ingress", ROUTER, "router",
+                         spec=spec))
+    return out
+
+
+def vmagent_config(ns: str, scrape_interval: str) -> str:
+    """Scrape every pod labelled as an Airfleet endpoint, on its port named ``metrics``."""
+    job = {
+        "job_name": "airfleet-endpoints",
+        "kubernetes_sd_configs": [{"role": "pod", "namespaces": {"names": [ns]}}],
+        "relabel_configs": [
+            {"source_labels": ["__meta_kubernetes_pod_label_airfleet_io_endpoint"],
+             "regex": ".+", "action": "keep"},
+            {"source_labels": ["__meta_kubernetes_pod_container_port_name"],
+             "regex": "metrics", "action": "keep"},
+            {"source_labels": ["__meta_kubernetes_pod_label_airfleet_io_model"],
+             "target_label": "model"},
+            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        ]}
+    return json.dumps({"global": {"scrape_interval": scrape_interval},
+                       "scrape_configs": [job]}, indent=2)
+
+
+def metrics(cluster: Cluster, ns: str, cfg: KubernetesConfig,
+            pull_secrets: list[str]) -> list[dict[str, Any]]:
+    container = {
+        "name": "vmagent", "image": cfg.metrics.image,
+        "args": ["-promscrape.config=/config/scrape.yaml",
+                 f"-remoteWrite.url={cfg.metrics.remote_write_url}",
+                 f"-remoteWrite.label=airfleet_cluster={cluster.name}"],
+        "ports": [{"name": "http", "containerPort": VMAGENT_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
+        "volumeMounts": [{"name": "config", "mountPath": "/config"}],
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"},
+                      "limits": {"memory": "256Mi"}}}
+    return [
+        _meta(cluster, ns, "v1", "ConfigMap", METRICS, "metrics",
+              data={"scrape.yaml": vmagent_config(ns, cfg.metrics.scrape_interval)}),
+        _deployment(cluster, ns, METRICS, "metrics", 1, container, pull_secrets,
+                    volumes=[{"name": "config", "configMap": {"name": METRICS}}]),
+    ]
+
+
+def cache_volume(cache: ModelCache) -> dict[str, Any]:
+    """The pod volume an endpoint Deployment mounts for a cache."""
+    if cache.pvc:
+        return {"name": cache.name, "persistentVolumeClaim": {"claimName": f"cache-{cache.name}"}}
+    if cache.nfs:
+        return {"name": cache.name, "nfs": {"server": cache.nfs.server, "path": cache.nfs.path,
+                                            "readOnly": cache.nfs.read_only}}
+    return {"name": cache.name, "hostPath": {"path": cache.host_path.path,
+                                             "type": "DirectoryOrCreate"}}
+
+
+def model_caches(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
+    """PVCs for ``pvc`` caches; every cache's volume and mount path recorded in a ConfigMap
+    that endpoint Deployments read."""
+    caches = cluster.spec.model_caches
+    if not caches:
+        return []
+    out = []
+    for cache in caches:
+        if cache.pvc:
+            spec: dict[str, Any] = {"accessModes": [cache.pvc.access_mode],
+                                    "resources": {"requests": {"storage": cache.pvc.size}}}
+            if cache.pvc.storage_class:
+                spec["storageClassName"] = cache.pvc.storage_class
+            out.append(_meta(cluster, ns, "v1", "PersistentVolumeClaim", f"cache-{cache.name}",
+                             "model-cache", spec=spec))
+    recorded = {c.name: {"volume": cache_volume(c),
+                         "mount_path": c.mount_path or f"/models/{c.name}"} for c in caches}
+    out.append(_meta(cluster, ns, "v1", "ConfigMap", CACHES, "model-cache",
+                     data={"caches.json": json.dumps(recorded, indent=2, sort_keys=True)}))
+    return out
