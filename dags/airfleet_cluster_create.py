@@ -4,10 +4,12 @@
 Conf: `{"cluster": {"metadata": {"name": ...}, "spec": {...}}}` (see README).
 
 validate -> lease -> policy `create_cluster` -> register -> Provisioning -> provision
-(eks/aks) -> detect accelerators (Ray nodes start with the GPUs found) -> set up (ssh: Ray head,
+(eks/aks: the cluster and its node pools, each wait in the triggerer) -> detect accelerators (Ray nodes start with the GPUs found) -> set up (ssh: Ray head,
 then the workers; kubernetes: access and permission check, namespace, pull secret, router,
 metrics, model caches) -> wait until ready (kubernetes: the Deployments Available; a long wait
-moves to the triggerer) -> Running. Re-running converges: what exists is adopted.
+moves to the triggerer) -> Running. Re-running converges: what exists is adopted. When a step
+fails, `cleanup_on_failure` removes the cloud resources this run created (eks/aks, unless
+`delete_on_failure` is false; never what it adopted).
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from __future__ import annotations
 from airflow.sdk import dag
 
 from airfleet_airflow import flow
-from airfleet_airflow.operators import DetectAcceleratorsOperator, WaitReadyOperator
+from airfleet_airflow.operators import (
+    CloudReconcileOperator,
+    DetectAcceleratorsOperator,
+    WaitReadyOperator,
+)
 
 
 @dag(dag_id="airfleet_cluster_create", schedule=None, catchup=False, tags=flow.TAGS,
@@ -28,11 +34,15 @@ def airfleet_cluster_create():
         flow.policy_precheck(checked, "create_cluster"),
         flow.register(checked, lease),
         flow.begin.override(task_id="provisioning")(lease, "Provisioning", "Create"),
-        flow.backend_step.override(task_id="provision")(lease, "provision"),
+        CloudReconcileOperator(task_id="provision", lease=lease, verb="provision"),
         DetectAcceleratorsOperator(task_id="detect_accelerators", lease=lease),
         flow.backend_step.override(task_id="apply")(lease, "apply"),
         WaitReadyOperator(task_id="wait_ready", lease=lease),
         flow.finish.override(task_id="running")(lease, "Running", "Created"),
+        # Runs only when a step failed; it finds the lease in XCom (a direct XComArg would make
+        # it a direct downstream of the lease setup, which Airflow allows only on all_success).
+        CloudReconcileOperator(task_id="cleanup_on_failure", lease=None,
+                               verb="cleanup_failed_run", trigger_rule="one_failed"),
     )
 
 

@@ -4,8 +4,8 @@
 Conf: `{"name": "llm-a", "force": false}`.
 
 validate -> lease -> policy `delete_cluster` -> Deleting -> tear down (ssh: workers, then the
-head, then a check that nothing is left; kubernetes: the namespace; eks/aks: the managed
-cluster) -> Deleted. A cluster that is not registered is already gone: the run succeeds and
+head, then a check that nothing is left; kubernetes: the namespace) -> deprovision (eks/aks:
+the node pools, then the managed cluster; each wait in the triggerer) -> Deleted. A cluster that is not registered is already gone: the run succeeds and
 changes nothing.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 from airflow.sdk import dag
 
 from airfleet_airflow import flow
+from airfleet_airflow.operators import CloudReconcileOperator
 
 
 @dag(dag_id="airfleet_cluster_delete", schedule=None, catchup=False, tags=flow.TAGS,
@@ -27,6 +28,8 @@ def airfleet_cluster_delete():
         flow.policy_precheck(checked, "delete_cluster"),
         flow.begin.override(task_id="deleting")(lease, "Deleting", "Delete"),
         flow.teardown(checked, lease),
+        CloudReconcileOperator(task_id="deprovision", lease=lease, verb="deprovision"),
+        flow.deleted(lease),
     )
 
 

@@ -4,11 +4,12 @@
 Conf: `{"cluster": <the whole desired cluster>}`; the cluster must be registered and keep its
 type and provider.
 
-validate -> lease -> policy `update_cluster` -> record the desired spec (generation + 1 when it
-changed) -> Updating -> detect accelerators -> drain the removed workers (`ray drain-node`,
-waiting in the triggerer up to the spec's `drain_deadline_seconds`, then a forced stop) ->
-converge (new workers join; kubernetes: objects patched to the spec) -> wait until ready ->
-Running. A changed head is refused.
+validate -> lease -> policy `update_cluster` (and `scale_nodegroup` for each node pool whose
+size or bounds change) -> record the desired spec (generation + 1 when it changed) -> Updating
+-> node pools to the spec (eks/aks; each wait in the triggerer) -> detect accelerators -> drain
+the removed workers (`ray drain-node`, waiting in the triggerer up to the spec's
+`drain_deadline_seconds`, then a forced stop) -> converge (new workers join; kubernetes:
+objects patched to the spec) -> wait until ready -> Running. A changed head is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from airflow.sdk import dag
 
 from airfleet_airflow import flow
 from airfleet_airflow.operators import (
+    CloudReconcileOperator,
     DetectAcceleratorsOperator,
     RayDrainNodesOperator,
     WaitReadyOperator,
@@ -33,6 +35,7 @@ def airfleet_cluster_update():
         flow.policy_precheck(checked, "update_cluster"),
         flow.record_desired(checked, lease),
         flow.begin.override(task_id="updating")(lease, "Updating", "Update"),
+        CloudReconcileOperator(task_id="scale_node_pools", lease=lease, verb="scale"),
         DetectAcceleratorsOperator(task_id="detect_accelerators", lease=lease),
         RayDrainNodesOperator(task_id="drain_removed_workers", lease=lease),
         flow.backend_step.override(task_id="apply")(lease, "apply"),

@@ -6,6 +6,8 @@
 - ``AIRFLEET_POLICIES_DIR``: governance policies. Default: the repository's ``policies/``.
 - ``AIRFLEET_READY_INLINE_SECONDS``: how long a readiness wait watches inside its task before
   it moves to Airflow's triggerer (freeing the worker slot). Default: 30.
+- ``AIRFLEET_CLOUD_POLL_SECONDS``: how often a wait on EKS or AKS (cluster, node pool,
+  operation) asks the cloud again, in the triggerer. Default: 30.
 """
 
 from __future__ import annotations
@@ -36,3 +38,7 @@ def policies_dir() -> Path:
 
 def ready_inline_seconds() -> float:
     return float(os.environ.get("AIRFLEET_READY_INLINE_SECONDS") or 30)
+
+
+def cloud_poll_seconds() -> float:
+    return float(os.environ.get("AIRFLEET_CLOUD_POLL_SECONDS") or 30)

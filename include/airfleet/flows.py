@@ -19,18 +19,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from airfleet import lifecycle
+from airfleet import config, lifecycle
 from airfleet.backends import BackendContext, Observation, get_backend
 from airfleet.errors import ClusterUnhealthy, Conflict, InvalidRequest
 from airfleet.resources import (
     FLOW_CONF,
+    CloudResource,
     Cluster,
     ClusterRequest,
+    ClusterSpec,
     NodeStatus,
     Phase,
+    Provider,
     parse_conf,
 )
 from airfleet.store import ClusterRecord, Store, now
+from airfleet.vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +82,25 @@ def validate(action: str, conf: dict[str, Any], store: Store | None = None) -> d
             raise InvalidRequest("cluster.spec.type: a cluster's type and provider cannot "
                                  "change; delete it and create a new one")
         backend.validate_update(record.cluster, request.spec)
+        return {"name": request.name, "request": request.model_dump(mode="json"),
+                "actions": pool_changes(record.cluster.spec, request.spec)}
     return {"name": request.name, "request": request.model_dump(mode="json")}
+
+
+def pool_changes(recorded: ClusterSpec, desired: ClusterSpec) -> list[dict[str, Any]]:
+    """The ``scale_nodegroup`` actions of an update: one per node pool that is added, removed,
+    or whose size or bounds change, with the pool's sizes before and after (None: absent)."""
+    if recorded.provider not in (Provider.EKS, Provider.AKS):
+        return []
+
+    def sizes(spec: ClusterSpec) -> dict[str, dict[str, int]]:
+        return {p.name: {"min": p.min, "max": p.max, "desired": p.desired}
+                for p in spec.block.node_pools}
+
+    before, after = sizes(recorded), sizes(desired)
+    return [{"action": "scale_nodegroup",
+             "input": {"pool": name, "from": before.get(name), "to": after.get(name)}}
+            for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
 
 
 # ---- lease --------------------------------------------------------------------------------
@@ -181,7 +203,30 @@ def delete_done(store: Store, lease: LeaseRef, leftovers: list[str]) -> ClusterR
     if leftovers:
         return _set_phase(store, lease, Phase.FAILED, "TeardownIncomplete",
                           "left behind: " + "; ".join(leftovers))
+    kubeconfig = store.require_cluster(lease.name).cluster.status.kubeconfig_vault_id
+    if kubeconfig:  # the managed cluster is gone, and with it what its kubeconfig opened
+        store.delete_secret(kubeconfig)
     return finish(store, lease, Phase.DELETED, "Deleted", "every component removed")
+
+
+def fail(store: Store, lease: LeaseRef, reason: str, message: str) -> ClusterRecord:
+    """Record Failed with the reason (a step that failed outside a backend verb)."""
+    return _set_phase(store, lease, Phase.FAILED, reason, message)
+
+
+def note_cleanup(store: Store, lease: LeaseRef, note: str) -> ClusterRecord:
+    """After a failed create: what the cleanup removed, or kept, joins the Failed message."""
+    status = store.require_cluster(lease.name).cluster.status
+    store.record_event(lease.name, "CleanupAfterFailure", note, run_id=lease.holder,
+                       kind="Normal", token=lease.token)
+    return _update_status(store, lease, message=f"{status.message}; {note}")
+
+
+def created_by_run(store: Store, lease: LeaseRef) -> list[str]:
+    """The cloud resources this run created (not those it adopted), as recorded."""
+    record = store.get_cluster(lease.name)
+    return [r.name for r in (record.cluster.status.resources if record else [])
+            if r.created_by == lease.holder]
 
 
 # ---- health (no lease) --------------------------------------------------------------------
@@ -282,8 +327,30 @@ def _context(store: Store, lease: LeaseRef, clients: Mapping[str, Any]) -> Backe
         store.record_event(lease.name, reason, message, run_id=lease.holder, kind=kind,
                            token=lease.token)
 
+    def record_resource(what: str, created: bool) -> None:
+        status = store.require_cluster(lease.name).cluster.status
+        if any(r.name == what for r in status.resources):
+            return
+        entry = CloudResource(name=what, created_by=lease.holder if created else None,
+                              observed_at=now())
+        _update_status(store, lease, resources=[*status.resources, entry])
+        record_event("ResourceCreated" if created else "ResourceAdopted", what, "Normal")
+
+    def store_kubeconfig(kubeconfig: bytes) -> None:
+        vault = Vault(store, config.keys_dir())
+        old = store.require_cluster(lease.name).cluster.status.kubeconfig_vault_id
+        new = vault.put(kubeconfig, f"kubeconfig of cluster {lease.name}")
+        _update_status(store, lease, kubeconfig_vault_id=new)
+        if old:
+            store.delete_secret(old)
+
+    def progress(message: str) -> None:
+        log.info("cluster %s: %s", lease.name, message)
+        _update_status(store, lease, message=message)
+
     return BackendContext(run_id=lease.holder, clients=clients, report_node=report_node,
-                          record_event=record_event)
+                          record_event=record_event, record_resource=record_resource,
+                          store_kubeconfig=store_kubeconfig, progress=progress)
 
 
 def _record_observation(store: Store, lease: LeaseRef, seen: Observation) -> None:

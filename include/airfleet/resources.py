@@ -328,6 +328,10 @@ def _check_gpu_pools(pools: list[NodePool], pattern: str, example: str) -> list[
     return pools
 
 
+DELETE_ON_FAILURE = ("when a create fails, remove the cloud resources that run created "
+                     "(never ones it found and adopted); false keeps them for inspection")
+
+
 class EKSConfig(Strict):
     model_config = ConfigDict(json_schema_extra={"allOf": [
         _gpu_pools_rule(EKS_GPU_INSTANCE),
@@ -347,6 +351,7 @@ class EKSConfig(Strict):
     endpoint_private_access: StrictBool = False
     node_pools: list[NodePool] = Field(default_factory=list)
     tags: dict[str, str] = Field(default_factory=dict)
+    delete_on_failure: StrictBool = Field(True, description=DELETE_ON_FAILURE)
 
     @field_validator("node_pools")
     @classmethod
@@ -378,6 +383,7 @@ class AKSConfig(Strict):
     version: Annotated[str, StringConstraints(pattern=r"^1\.[0-9]+(\.[0-9]+)?$")] = "1.31"
     node_pools: list[NodePool] = Field(default_factory=list)
     tags: dict[str, str] = Field(default_factory=dict)
+    delete_on_failure: StrictBool = Field(True, description=DELETE_ON_FAILURE)
 
     @field_validator("node_pools")
     @classmethod
@@ -525,6 +531,12 @@ class Condition(BaseModel):
     last_transition_time: datetime | None = None
 
 
+class CloudResource(BaseModel):
+    name: str  # as the provisioner names it: "cluster llm-a", "agentPool llm-a/gpu", ...
+    created_by: str | None = None  # the run that created it; None: found and adopted
+    observed_at: datetime | None = None
+
+
 class ClusterStatus(BaseModel):
     phase: Phase = Phase.PENDING
     observed_at: datetime | None = None
@@ -535,6 +547,11 @@ class ClusterStatus(BaseModel):
     # Health probes that failed in a row (reset by a good one); see flows.FAILED_PROBES_TO_FAIL.
     failed_probes: int = 0
     last_run_id: str | None = None
+    # Cloud resources (EKS/AKS) as they came to exist: who created each, so that a failed create
+    # removes only what it made.
+    resources: list[CloudResource] = Field(default_factory=list)
+    # The vault id of a kubeconfig fetched from the managed cluster (AKS admin credentials).
+    kubeconfig_vault_id: str | None = None
 
 
 class Cluster(BaseModel):

@@ -12,15 +12,18 @@ the private key text, or JSON ``{"private_key": ..., "host_key": ...}``.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 from airfleet.errors import InvalidRequest
-from airfleet.resources import Cluster, CredentialRef
+from airfleet.resources import Cluster, CredentialRef, Provider
 
 SSH_FIELD = "cluster.spec.config.ssh.credential"
 KUBE_FIELD = "cluster.spec.config.kubernetes.credential"
+EKS_FIELD = "cluster.spec.config.eks.credential"
+AKS_FIELD = "cluster.spec.config.aks.credential"
 REGISTRY_FIELD = "cluster.spec.image_registry"
 
 
@@ -50,33 +53,117 @@ def kubernetes_client(cluster: Cluster):
     """An ``ApiClient`` from the cncf-kubernetes provider's hook: the kubeconfig of an Airflow
     Kubernetes connection (its ``kube_config`` / ``kube_config_path`` extras), or a kubeconfig
     (YAML or JSON) kept in the vault. Each call gets its own client configuration, so clusters
-    never share the process-wide default."""
-    import yaml
-    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
-    from kubernetes.client import Configuration
+    never share the process-wide default.
 
+    A cluster Airfleet provisions (eks, aks) without a kubeconfig of its own gets a callable
+    instead, which connects once the cluster exists: EKS with a token signed for the run (no
+    long-lived secret), AKS with the admin kubeconfig that provisioning put in the vault."""
     cfg = cluster.spec.config.kubernetes
     ref = cfg.credential if cfg else None
+    if ref is None and cluster.spec.provider in (Provider.EKS, Provider.AKS):
+        connect = _eks_kubeconfig if cluster.spec.provider is Provider.EKS else _aks_kubeconfig
+        field = f"cluster.spec.config.{cluster.spec.provider.value}"
+        return functools.cache(lambda: _api_client(connect(cluster), field))
     if ref is None:
         raise InvalidRequest(f"{KUBE_FIELD}: give the kubeconfig as a credential reference")
     if ref.airflow_conn_id:
         _connection(ref.airflow_conn_id, KUBE_FIELD)
-        hook = KubernetesHook(conn_id=ref.airflow_conn_id, client_configuration=Configuration())
+        return _api_client(ref.airflow_conn_id, KUBE_FIELD)
+    return _api_client(_kubeconfig(_vault_text(ref, KUBE_FIELD), KUBE_FIELD), KUBE_FIELD)
+
+
+def _api_client(config: str | dict[str, Any], field: str):
+    """``config``: an Airflow connection id, or a kubeconfig."""
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+    from kubernetes.client import Configuration
+
+    if isinstance(config, str):
+        hook = KubernetesHook(conn_id=config, client_configuration=Configuration())
     else:
-        try:
-            config = yaml.safe_load(_vault_text(ref, KUBE_FIELD))
-        except yaml.YAMLError:
-            config = None
-        if not isinstance(config, dict):
-            raise InvalidRequest(f"{KUBE_FIELD}: the vault secret is not a kubeconfig (YAML or "
-                                 "JSON with clusters, users and contexts)")
         hook = KubernetesHook(conn_id=None, config_dict=config,
                               client_configuration=Configuration())
     try:
         return hook.get_conn()
     except Exception as exc:  # the config loader's own errors say what is wrong with it
-        raise InvalidRequest(f"{KUBE_FIELD}: the kubeconfig cannot be used: "
+        raise InvalidRequest(f"{field}: the kubeconfig cannot be used: "
                              f"{type(exc).__name__}: {exc}") from None
+
+
+def _kubeconfig(text: str, field: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError:
+        config = None
+    if not isinstance(config, dict):
+        raise InvalidRequest(f"{field}: the vault secret is not a kubeconfig (YAML or JSON "
+                             "with clusters, users and contexts)")
+    return config
+
+
+def _eks_kubeconfig(cluster: Cluster) -> dict[str, Any]:
+    """A kubeconfig for the EKS cluster with a bearer token signed now for the connection's
+    identity (``aws eks get-token``; valid 15 minutes, kept in memory only)."""
+    from airflow.providers.amazon.aws.hooks.sts import StsHook
+    from airflow.providers.amazon.aws.utils.eks_get_token import fetch_access_token_for_cluster
+
+    from airfleet.backends.kubernetes.eks import EKSProvisioner
+
+    cfg = cluster.spec.config.eks
+    hook = _eks_hook(cluster)
+    server, ca_data = EKSProvisioner(hook.conn, cfg, cluster.name).endpoint()
+    sts = StsHook(aws_conn_id=cfg.credential.airflow_conn_id, region_name=cfg.region)
+    sts_url = f"{sts.conn.meta.endpoint_url}/?Action=GetCallerIdentity&Version=2011-06-15"
+    token = fetch_access_token_for_cluster(cluster.name, sts_url, cfg.region,
+                                           session=hook.get_session())
+    return _token_kubeconfig(cluster.name, server, ca_data, token)
+
+
+def _token_kubeconfig(name: str, server: str, ca_data: str, token: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Config", "current-context": name,
+            "clusters": [{"name": name, "cluster": {"server": server,
+                                                    "certificate-authority-data": ca_data}}],
+            "users": [{"name": "airfleet", "user": {"token": token}}],
+            "contexts": [{"name": name, "context": {"cluster": name, "user": "airfleet"}}]}
+
+
+def _aks_kubeconfig(cluster: Cluster) -> dict[str, Any]:
+    """The admin kubeconfig that provisioning stored in the vault (read when connecting, so a
+    kubeconfig fetched earlier in the same task is found)."""
+    from airfleet.errors import AirfleetError
+    from airfleet.store import Store
+
+    record = Store().get_cluster(cluster.name)
+    vault_id = record.cluster.status.kubeconfig_vault_id if record else None
+    if vault_id is None:
+        raise AirfleetError(f"AKS cluster {cluster.name} has no kubeconfig yet: provisioning "
+                            "stores its admin credentials once the cluster exists")
+    return _kubeconfig(_vault_text(CredentialRef(vault_id=vault_id), KUBE_FIELD), KUBE_FIELD)
+
+
+def cloud_client(cluster: Cluster):
+    """The cloud API of a cluster Airfleet provisions: a boto3 EKS client from the amazon
+    provider's ``EksHook``, or a ``ContainerServiceClient`` from :class:`AksHook`; None for
+    the other providers. The connection must exist (checked here, before any cloud call)."""
+    provider = cluster.spec.provider
+    if provider is Provider.EKS:
+        return _eks_hook(cluster).conn
+    if provider is Provider.AKS:
+        from airfleet_airflow.hooks import AksHook
+
+        cfg = cluster.spec.config.aks
+        _connection(cfg.credential.airflow_conn_id, AKS_FIELD)
+        return AksHook(cfg.credential.airflow_conn_id).get_conn(cfg.subscription_id)
+    return None
+
+
+def _eks_hook(cluster: Cluster):
+    from airflow.providers.amazon.aws.hooks.eks import EksHook
+
+    cfg = cluster.spec.config.eks
+    _connection(cfg.credential.airflow_conn_id, EKS_FIELD)
+    return EksHook(aws_conn_id=cfg.credential.airflow_conn_id, region_name=cfg.region)
 
 
 def registry_login(cluster: Cluster) -> dict[str, str] | None:
@@ -163,4 +250,5 @@ def _vault_text(ref: CredentialRef, field: str) -> str:
         raise InvalidRequest(f"{field}: {exc}") from None
 
 
-BUILDERS = {"ssh": ssh_access, "registry": registry_login, "kubernetes": kubernetes_client}
+BUILDERS = {"ssh": ssh_access, "registry": registry_login, "kubernetes": kubernetes_client,
+            "cloud": cloud_client}

@@ -107,11 +107,16 @@ def release_lease(lease: dict[str, Any]) -> None:
 @task
 def policy_precheck(checked: dict[str, Any], action: str) -> list[dict[str, Any]]:
     """Hook point of the governance pre-check: a denial fails the run before any change."""
+    import json
+
     from airflow.sdk.exceptions import AirflowFailException
 
     from airfleet import policy
 
     decisions = policy.precheck(action, checked["name"], checked.get("request"))
+    for extra in checked.get("actions") or []:  # e.g. scale_nodegroup per changed node pool
+        print(f"action {extra['action']}: {json.dumps(extra['input'])}")
+        decisions += policy.precheck(extra["action"], checked["name"], checked.get("request"))
     for d in decisions:
         print(f"policy {d.policy or '-'}: {d.action} {'allowed' if d.allowed else 'DENIED'}: "
               f"{d.reason}")
@@ -185,6 +190,10 @@ def is_registered(lease: dict[str, Any]) -> bool:
 
 @task
 def teardown(checked: dict[str, Any], lease: dict[str, Any]) -> None:
+    """The cluster's own components (Ray nodes, the namespace); what is left fails the run,
+    named (unless ``force``)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
     from airfleet import flows
     from airfleet_airflow.clients import clients_for
 
@@ -192,13 +201,17 @@ def teardown(checked: dict[str, Any], lease: dict[str, Any]) -> None:
     try:
         leftovers = flows.run_verb(store, ref, "teardown", clients_for,
                                    force=bool(checked.get("force")))
-        record = flows.delete_done(store, ref, leftovers or [])
     except Exception as exc:
         raise permanent_error(exc) from None
-    if record.phase != "Deleted":
-        from airflow.sdk.exceptions import AirflowFailException
+    if leftovers:
+        raise AirflowFailException(flows.delete_done(store, ref, leftovers).cluster.status.message)
 
-        raise AirflowFailException(record.cluster.status.message)
+
+@task
+def deleted(lease: dict[str, Any]) -> None:
+    from airfleet import flows
+
+    flows.delete_done(_store(), _lease(lease), [])
 
 
 @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0)

@@ -10,6 +10,7 @@ from airflow.sdk import BaseOperator
 # Extra time the deferral may take beyond the drain deadline before Airflow fails the task
 # (the trigger itself reports the deadline; this only guards against a lost trigger).
 DEFER_MARGIN = timedelta(minutes=10)
+LEASE_TASK = "acquire_lease"  # the task id of airfleet_airflow.flow.acquire_lease
 
 
 class _FlowOperator(BaseOperator):
@@ -154,3 +155,113 @@ class WaitReadyOperator(_FlowOperator):
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> None:
         self.log.info("readiness wait ended: %s", (event or {}).get("message", "no event"))
         self._verb("wait_ready", timeout=0)
+
+
+class CloudReconcileOperator(_FlowOperator):
+    """Drive a reconcile verb of the backend to its end: ``provision`` (create), ``scale``
+    (update), ``deprovision`` (delete) or ``cleanup_failed_run``.
+
+    Each pass looks at what exists, makes what is missing and returns what is still in
+    progress (an EKS cluster CREATING, an Azure operation); this task then defers to the
+    triggerer (:func:`~airfleet_airflow.triggers.cloud_wait_trigger`) and, when the wait ends,
+    runs the next pass. Nothing to wait for (static nodes, an existing cluster): one pass, no
+    deferral. A wait that fails (a node group CREATE_FAILED, an AKS operation Failed) fails
+    the task, and the cluster, with the cloud's own message.
+
+    ``cleanup_failed_run`` runs only when a step of the run failed (``trigger_rule``
+    ``one_failed``): it removes the cloud resources this run created (never adopted ones)
+    when the spec's ``delete_on_failure`` allows, and records what was removed or what
+    remains.
+
+    :param lease: the flow's lease (the ``acquire_lease`` XCom); None: pulled from XCom when
+        the task runs (for a task that must not depend on the lease setup directly).
+    :param verb: the backend verb.
+    :param poll_interval: seconds between polls in the triggerer (default
+        ``AIRFLEET_CLOUD_POLL_SECONDS``, 30).
+    """
+
+    MAX_PASSES = 100  # a guard: a pass that never converges ends here, not in a loop
+
+    def __init__(self, *, lease: Any, verb: str, poll_interval: float | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(lease=lease, **kwargs)
+        self.verb = verb
+        self.poll_interval = poll_interval
+
+    def execute(self, context: Any) -> None:
+        if not self._resolve_lease(context):  # the run failed before it took the lease
+            self.log.info("no lease was taken: this run changed nothing")
+            return
+        self._pass(1)
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None,
+                         passes: int = 1) -> None:
+        self._resolve_lease(context)
+        if not event or event.get("status") != "success":
+            message = (event or {}).get("message") or "the wait ended without an event"
+            self._fail(f"{self.verb} failed: {message}")
+        self.log.info("%s", event["message"])
+        self._pass(passes + 1)
+
+    def _resolve_lease(self, context: Any) -> Any:
+        if self.lease is None:  # given no lease: the one this run's acquire_lease took
+            self.lease = context["ti"].xcom_pull(task_ids=LEASE_TASK)
+        return self.lease
+
+    def _pass(self, passes: int) -> None:
+        from airfleet import config
+
+        if passes > self.MAX_PASSES:
+            self._fail(f"{self.verb} did not converge in {self.MAX_PASSES} passes")
+        wait = self._verb(self.verb, **self._verb_kwargs())
+        if wait is None:
+            self._done()
+            return
+        from airfleet_airflow.triggers import cloud_wait_trigger
+
+        wait = wait.to_dict()
+
+        poll = config.cloud_poll_seconds() if self.poll_interval is None else self.poll_interval
+        timeout = float(wait["args"].get("timeout", 3600))
+        self.log.info("%s; waiting up to %.0fs in the triggerer", wait["what"], timeout)
+        self.defer(trigger=cloud_wait_trigger(wait, poll), method_name="execute_complete",
+                   kwargs={"passes": passes}, timeout=timedelta(seconds=timeout) + DEFER_MARGIN)
+
+    def _created(self) -> list[str]:
+        """What this run created, as the store recorded it (the cleanup's input)."""
+        from airfleet import flows
+        from airfleet.store import Store
+
+        return flows.created_by_run(Store(), flows.LeaseRef.from_dict(self.lease))
+
+    def _verb_kwargs(self) -> dict[str, Any]:
+        if self.verb != "cleanup_failed_run":
+            return {}
+        created = self._created()
+        self.log.info("this run created: %s", ", ".join(created) or "nothing")
+        return {"created": created}
+
+    def _done(self) -> None:
+        if self.verb != "cleanup_failed_run" or not (created := self._created()):
+            return
+        from airfleet import flows
+        from airfleet.store import Store
+
+        store, ref = Store(), flows.LeaseRef.from_dict(self.lease)
+        if store.require_cluster(ref.name).cluster.spec.block.delete_on_failure:
+            note = "removed what this run created: " + ", ".join(created)
+        else:
+            note = ("kept what this run created (delete_on_failure is false): "
+                    + ", ".join(created) + "; remove it with airfleet_cluster_delete")
+        self.log.info("%s", note)
+        flows.note_cleanup(store, ref, note)
+
+    def _fail(self, message: str) -> None:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from airfleet import flows
+        from airfleet.store import Store
+
+        flows.fail(Store(), flows.LeaseRef.from_dict(self.lease),
+                   f"{self.verb.title().replace('_', '')}Failed", message)
+        raise AirflowFailException(message)

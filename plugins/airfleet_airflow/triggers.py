@@ -101,3 +101,137 @@ class ClusterReadyTrigger(BaseTrigger):
                 yield TriggerEvent({"ready": ready, "message": message})
                 return
             await asyncio.sleep(min(self.poll_interval, max(0.0, self.deadline - time.time())))
+
+
+class EksWaitTrigger(BaseTrigger):
+    """Waits on the amazon provider's EKS waiters (aiobotocore) until a cluster or node group
+    is ACTIVE or gone, then yields ``{"status": "success" | "failed", "what", "message"}``.
+
+    :param wait: a :class:`airfleet.backends.Wait` of an EKS kind, as a dict: cluster, region
+        and the AWS connection (no secret), and the wait's ``timeout``.
+    :param poll_interval: seconds between describes.
+    """
+
+    WAITERS = {  # wait kind -> (waiter, its JMESPath status, what a failure is)
+        "eks_cluster_active": ("cluster_active", ["cluster.status"], "EKS cluster failed"),
+        "eks_cluster_deleted": ("cluster_deleted", ["cluster.status"],
+                                "EKS cluster delete failed"),
+        "eks_nodegroup_active": ("nodegroup_active",
+                                 ["nodegroup.status", "nodegroup.health.issues"],
+                                 "EKS node group failed"),
+        "eks_nodegroup_deleted": ("nodegroup_deleted",
+                                  ["nodegroup.status", "nodegroup.health.issues"],
+                                  "EKS node group delete failed"),
+    }
+
+    def __init__(self, wait: dict[str, Any], poll_interval: float = 30.0):
+        super().__init__()
+        self.wait = dict(wait)
+        self.poll_interval = poll_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}",
+                {"wait": self.wait, "poll_interval": self.poll_interval})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from airflow.providers.amazon.aws.hooks.eks import EksHook
+        from airflow.providers.amazon.aws.utils.waiter_with_logging import async_wait
+        from airflow.sdk.exceptions import AirflowException
+
+        args, what = self.wait["args"], self.wait["what"]
+        waiter_name, status_args, failure = self.WAITERS[self.wait["kind"]]
+        waiter_args = {"name": args["cluster"]} if "nodegroup" not in args else \
+            {"clusterName": args["cluster"], "nodegroupName": args["nodegroup"]}
+        attempts = max(1, int(args.get("timeout", 1800) / max(self.poll_interval, 0.01)))
+        hook = EksHook(aws_conn_id=args["aws_conn_id"], region_name=args["region"])
+        try:
+            async with await hook.get_async_conn() as client:
+                await async_wait(client.get_waiter(waiter_name), self.poll_interval, attempts,
+                                 waiter_args, failure, f"{what}: status", status_args)
+        except AirflowException as exc:
+            yield TriggerEvent({"status": "failed", "what": what, "message": str(exc)})
+            return
+        yield TriggerEvent({"status": "success", "what": what, "message": f"{what}: done"})
+
+
+class AksOperationTrigger(BaseTrigger):
+    """Follows an AKS long-running operation with the ``aio`` client until it ends, then
+    yields ``{"status": "success" | "failed", "what", "message"}``; a Failed operation's
+    message is Azure's own (code and message).
+
+    Kind ``azure_operation``: the operation this run started, resumed from its continuation
+    token. Kind ``aks_settled``: an operation somebody else started; GETs until the cluster
+    (or pool) is no longer busy.
+
+    :param wait: a :class:`airfleet.backends.Wait` of an AKS kind, as a dict (connection id,
+        subscription, resource group, names, token: no secret).
+    :param poll_interval: seconds between polls.
+    """
+
+    def __init__(self, wait: dict[str, Any], poll_interval: float = 30.0):
+        super().__init__()
+        self.wait = dict(wait)
+        self.poll_interval = poll_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}",
+                {"wait": self.wait, "poll_interval": self.poll_interval})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from azure.core.exceptions import HttpResponseError
+
+        from airfleet.backends.kubernetes.aks import OPERATION, aks_error
+        from airfleet_airflow.hooks import AksHook
+
+        args, what = self.wait["args"], self.wait["what"]
+        timeout = float(args.get("timeout", 3600))
+        try:
+            async with AksHook(args["azure_conn_id"]).async_client(
+                    args["subscription_id"], polling_interval=self.poll_interval) as client:
+                if self.wait["kind"] == OPERATION:
+                    await asyncio.wait_for(self._follow(client, args), timeout)
+                else:
+                    await asyncio.wait_for(self._settle(client, args), timeout)
+        except HttpResponseError as exc:
+            message = str(aks_error(what, exc))
+            yield TriggerEvent({"status": "failed", "what": what, "message": message})
+            return
+        except TimeoutError:
+            yield TriggerEvent({"status": "failed", "what": what,
+                                "message": f"{what}: not done after {timeout:g}s"})
+            return
+        yield TriggerEvent({"status": "success", "what": what, "message": f"{what}: done"})
+
+    @staticmethod
+    async def _follow(client: Any, args: dict[str, Any]) -> None:
+        from airfleet.backends.kubernetes.aks import resume_operation
+
+        await (await resume_operation(client, args)).result()
+
+    async def _settle(self, client: Any, args: dict[str, Any]) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        from airfleet.backends.kubernetes.aks import SETTLED, provisioning_state
+
+        while True:
+            try:
+                if args.get("pool"):
+                    resource = await client.agent_pools.get(args["resource_group"],
+                                                            args["cluster"], args["pool"])
+                else:
+                    resource = await client.managed_clusters.get(args["resource_group"],
+                                                                 args["cluster"])
+            except ResourceNotFoundError:
+                return
+            if provisioning_state(resource) in SETTLED:
+                return
+            await asyncio.sleep(self.poll_interval)
+
+
+def cloud_wait_trigger(wait: dict[str, Any], poll_interval: float) -> BaseTrigger:
+    """The trigger that waits on a backend's :class:`airfleet.backends.Wait`."""
+    if wait["kind"] in EksWaitTrigger.WAITERS:
+        return EksWaitTrigger(wait, poll_interval)
+    if wait["kind"] in ("azure_operation", "aks_settled"):
+        return AksOperationTrigger(wait, poll_interval)
+    raise ValueError(f"no trigger waits on {wait['kind']!r}")

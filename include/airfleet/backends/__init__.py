@@ -44,16 +44,40 @@ class Observation:
     conditions: list[Condition] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Wait:
+    """What a reconcile pass left running, for the flow to wait on (in Airflow's triggerer)
+    before it reconciles again: an EKS cluster CREATING, an Azure long-running operation, ...
+
+    ``kind`` names the wait (the plugin layer picks the trigger by it), ``what`` says it for
+    people, ``args`` are what the trigger needs: JSON-safe, never a secret.
+    """
+
+    kind: str
+    what: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "what": self.what, "args": dict(self.args)}
+
+
 @dataclass
 class BackendContext:
-    """What a verb gets besides the cluster: the run, clients built from Airflow hooks, and a
-    callback that records per-node progress as it happens."""
+    """What a verb gets besides the cluster: the run, clients built from Airflow hooks, and
+    callbacks that record progress as it happens."""
 
     run_id: str
     clients: Mapping[str, Any] = field(default_factory=dict)
     report_node: Callable[[NodeStatus], None] = lambda node: None
     # (reason, message, kind "Normal" | "Warning"): a note in the cluster's history.
     record_event: Callable[[str, str, str], None] = lambda reason, message, kind: None
+    # (what, created): a cloud resource the run created (True) or found and adopted (False),
+    # recorded the moment it exists so a later failure knows what to clean up.
+    record_resource: Callable[[str, bool], None] = lambda what, created: None
+    # A kubeconfig fetched from a managed cluster: into the vault, its id on the cluster.
+    store_kubeconfig: Callable[[bytes], None] = lambda kubeconfig: None
+    # A progress line on the cluster's status (the stage a long step is at).
+    progress: Callable[[str], None] = lambda message: None
     log: logging.Logger = log
 
 
@@ -71,8 +95,28 @@ class Backend:
         """Refuse a change the backend cannot make in place; raise InvalidRequest naming the
         field."""
 
-    def provision(self, cluster: Cluster, ctx: BackendContext) -> None:
-        """Create the underlying infrastructure (managed Kubernetes); no-op where none."""
+    def provision(self, cluster: Cluster, ctx: BackendContext) -> Wait | None:
+        """One reconcile pass over the underlying infrastructure (managed Kubernetes): create
+        what is missing, adopt what is ours, and return what is still in progress (the flow
+        waits on it, then calls again) or None once everything is ready. No-op where none."""
+        return None
+
+    def scale(self, cluster: Cluster, ctx: BackendContext) -> Wait | None:
+        """Update flow: one reconcile pass of the node pools to the recorded spec (as
+        :meth:`provision`); None where the type has no pools of its own."""
+        return None
+
+    def deprovision(self, cluster: Cluster, ctx: BackendContext, *,
+                    force: bool = False) -> Wait | None:
+        """Delete flow, after :meth:`teardown`: one pass removing the infrastructure
+        :meth:`provision` made (as :meth:`provision`); "already gone" is done."""
+        return None
+
+    def cleanup_failed_run(self, cluster: Cluster, ctx: BackendContext, *,
+                           created: list[str]) -> Wait | None:
+        """A create that failed: one pass removing ``created`` (what that run created, as
+        ``record_resource`` named it), when the spec asks for it; never what was adopted."""
+        return None
 
     def apply(self, cluster: Cluster, ctx: BackendContext) -> Observation:
         """Converge the cluster to its spec; return what was observed afterwards."""

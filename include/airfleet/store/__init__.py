@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy import Engine, create_engine, delete, event, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -400,6 +400,11 @@ class Store:
             if row is None:
                 raise NotFound(f"vault secret {secret_id} does not exist")
             return row
+
+    def delete_secret(self, secret_id: str) -> bool:
+        """Forget a secret; False when it was already gone."""
+        with self.session() as s:
+            return s.execute(delete(SecretRow).where(SecretRow.id == secret_id)).rowcount == 1
 
     def secret_ids(self) -> list[str]:
         with self.session() as s:

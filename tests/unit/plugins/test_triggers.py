@@ -97,3 +97,31 @@ def test_a_silent_dashboard_is_asked_until_the_deadline():
     event = first_event(RayNodesDeadTrigger("http://127.0.0.1:9", NODES, time.time() + 1, 0.2))
     assert event["status"] == "deadline" and event["alive"] == list(NODES)
     assert event["message"].startswith("dashboard did not answer")
+
+
+@pytest.mark.parametrize("trigger_class, wait", [
+    ("EksWaitTrigger", {"kind": "eks_nodegroup_active", "what": "EKS node group c/gpu CREATING",
+                        "args": {"cluster": "c", "nodegroup": "gpu", "region": "eu-west-1",
+                                 "aws_conn_id": "aws_default", "timeout": 1800}}),
+    ("AksOperationTrigger", {"kind": "azure_operation", "what": "agentPool c/gpu: create",
+                             "args": {"azure_conn_id": "azure_default", "subscription_id": "s",
+                                      "resource_group": "rg", "cluster": "c", "pool": "gpu",
+                                      "operation": "agent_pools.begin_create_or_update",
+                                      "continuation_token": "eyJ2ZXJzaW9uIjoxfQ==",
+                                      "timeout": 3600}}),
+])
+def test_cloud_wait_triggers_round_trip_and_carry_no_secret(trigger_class, wait):
+    from airfleet_airflow import triggers
+
+    trigger = triggers.cloud_wait_trigger(wait, 0.5)
+    assert type(trigger).__name__ == trigger_class
+    path, kwargs = trigger.serialize()
+    assert import_string(path)(**kwargs).serialize() == (path, kwargs)
+    assert kwargs == {"wait": wait, "poll_interval": 0.5}
+
+
+def test_a_wait_of_an_unknown_kind_has_no_trigger():
+    from airfleet_airflow.triggers import cloud_wait_trigger
+
+    with pytest.raises(ValueError, match="no trigger waits on 'gce_cluster'"):
+        cloud_wait_trigger({"kind": "gce_cluster", "what": "?", "args": {}}, 1)

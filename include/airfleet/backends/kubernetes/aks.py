@@ -1,7 +1,8 @@
 """Provisioning an AKS cluster and its agent pools (a library layer over a
 ``azure.mgmt.containerservice.ContainerServiceClient`` that the caller builds).
 
-Each step looks before it acts, so a retried or re-run flow converges instead of failing:
+The work is done in reconcile passes: each looks before it acts and issues at most one write,
+so a retried or re-run flow converges instead of failing:
 
 - The managed cluster carries Airfleet's ownership tags. One that exists with them is adopted
   (and waited for, if an operation still runs on it); one without them is an error that changes
@@ -12,6 +13,9 @@ Each step looks before it acts, so a retried or re-run flow converges instead of
   the label ``nvidia.com/gpu.present=true``. A pool autoscales when ``min != max``.
 - ``on_created`` is called as soon as each resource this run created exists (its PUT was
   accepted), before the wait, so the caller can record it and remove it if a later step fails.
+- A pass returns the :class:`~airfleet.backends.Wait` of its write; the flow follows the
+  operation in Airflow's triggerer (an async client resumes it from its continuation token)
+  and calls again.
 - A long-running operation that ends Failed raises :class:`AKSError` with Azure's code and
   message; a resource left Failed is reconciled (PUT again as it is) by the next run.
 - Teardown removes the User pools, then the cluster, and waits until they are gone; "already
@@ -36,7 +40,9 @@ from enum import Enum
 from typing import Any
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+from azure.mgmt.core.polling.arm_polling import ARMPolling
 
+from airfleet.backends import Wait
 from airfleet.backends.kubernetes.manifests import CLUSTER_LABEL, MANAGED_BY, MANAGED_BY_VALUE
 from airfleet.errors import AirfleetError
 from airfleet.resources import AKSConfig, NodePool, Taint
@@ -57,6 +63,9 @@ GPU_LABELS = {"nvidia.com/gpu.present": "true"}
 SYSTEM, USER = "System", "User"
 # provisioningState values after which nothing runs on the resource any more.
 SETTLED = frozenset({"Succeeded", "Failed", "Canceled"})
+# Wait kinds: a long-running operation of this run (followed by its continuation token), and
+# a resource busy with an operation somebody else started (followed by GETs).
+OPERATION, SETTLED_KIND = "azure_operation", "aks_settled"
 WAIT_SECONDS = 3600.0  # AKS takes 5-15 minutes for a cluster, a few for a pool
 POLL_SECONDS = 15.0  # between GETs while waiting for an operation this run did not start
 
@@ -101,12 +110,18 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _state(resource: Any) -> str:
+def provisioning_state(resource: Any) -> str:
     return _text(getattr(getattr(resource, "properties", None), "provisioning_state", None))
 
 
 class AKSProvisioner:
-    """Create or adopt, converge, and delete one AKS cluster of Airfleet's.
+    """Create or adopt, converge, and delete one AKS cluster of Airfleet's, in reconcile passes.
+
+    Each pass (:meth:`reconcile`, :meth:`teardown_step`) issues at most one write (AKS refuses
+    a second write on a cluster while an operation runs) and returns the :class:`Wait` for it:
+    kind :data:`OPERATION` carries the poller's continuation token, which an async client
+    resumes in Airflow's triggerer; kind :data:`SETTLED` waits for an operation that another
+    run started. :meth:`ensure`, :meth:`scale` and :meth:`teardown` loop over passes in-process.
 
     :param client: a ``ContainerServiceClient`` for ``cfg.subscription_id`` (built by the hook
         that owns the Azure connection; its retry and polling settings are the caller's).
@@ -114,7 +129,7 @@ class AKSProvisioner:
     :param cluster_name: the Airfleet cluster name, used as the AKS name and DNS prefix.
     :param log: where progress goes (never a credential).
     :param on_created: called with ``"managedCluster <name>"`` / ``"agentPool <name>/<pool>"``
-        as soon as a resource this run created exists.
+        as soon as a resource this run created exists (``on_adopted``: one found).
     :param wait_seconds: budget of each wait for an operation.
     :param poll_seconds: pause between GETs while waiting for an operation that another run
         started (operations of this run are followed by the client's poller).
@@ -123,13 +138,15 @@ class AKSProvisioner:
     def __init__(self, client: Any, cfg: AKSConfig, cluster_name: str, *,
                  log: logging.Logger = _LOG,
                  on_created: Callable[[str], None] = lambda what: None,
+                 on_adopted: Callable[[str], None] = lambda what: None,
                  wait_seconds: float = WAIT_SECONDS, poll_seconds: float = POLL_SECONDS,
                  sleep: Callable[[float], None] = time.sleep):
         self.client, self.cfg, self.name = client, cfg, cluster_name
         self.rg = cfg.resource_group
         self.log = log
-        self.on_created = on_created
+        self.on_created, self.on_adopted = on_created, on_adopted
         self.wait_seconds, self.poll_seconds, self.sleep = wait_seconds, poll_seconds, sleep
+        self.changes: list[str] = []  # what the passes changed, for the update flow's log
 
     @property
     def tags(self) -> dict[str, str]:
@@ -142,33 +159,139 @@ class AKSProvisioner:
     def pool_what(self, pool: str) -> str:
         return f"agentPool {self.name}/{pool}"
 
-    # ---- create or adopt --------------------------------------------------------------------
+    # ---- reconcile passes -------------------------------------------------------------------
+
+    def reconcile(self, *, create: bool = True, prune: bool = False) -> Wait | None:
+        """One pass towards the cluster and every pool of the spec, Succeeded.
+
+        :param create: create the cluster when it is missing (the update flow says False).
+        :param prune: delete the pools of ours that the spec no longer lists (pools that are
+            not Airfleet's are left alone and logged).
+        """
+        system = self._check_spec()
+        cluster = self._get_cluster()
+        if cluster is None:
+            if not create:
+                raise AKSError(f"AKS cluster {self.name} does not exist in resource group "
+                               f"{self.rg}; create it first")
+            return self._create_cluster(system)
+        self._check_ours(cluster)
+        self.on_adopted(self.cluster_what)
+        if provisioning_state(cluster) not in SETTLED:
+            return self._settled(f"AKS cluster {self.name}", provisioning_state(cluster))
+        wait = self._converge_cluster(cluster)
+        if wait is not None:
+            return wait
+        live = self._pools()
+        for name, pool in live.items():
+            if provisioning_state(pool) not in SETTLED:
+                return self._settled(self.pool_what(name), provisioning_state(pool), pool=name)
+        for pool in self.cfg.node_pools:
+            if pool.name in live:
+                self.on_adopted(self.pool_what(pool.name))
+            wait = self._ensure_pool(pool, SYSTEM if pool is system else USER,
+                                     live.get(pool.name))
+            if wait is not None:
+                return wait
+        if prune:
+            return self._prune_pools(live)
+        return None
+
+    def teardown_step(self, only: Collection[str] | None = None) -> Wait | None:
+        """One pass of teardown: the User pools, then the cluster (which takes its System
+        pool). ``only``: just these resources, named as ``on_created`` named them (cleanup of
+        what a failed run created, e.g. only the pool it added to an adopted cluster).
+
+        :raises AKSError: the cluster exists and is not Airfleet's (nothing is deleted).
+        """
+        cluster = self._get_cluster()
+        if cluster is None:
+            self.log.info("AKS cluster %s is gone", self.name)
+            return None
+        self._check_ours(cluster)
+        if provisioning_state(cluster) not in SETTLED:
+            return self._settled(f"AKS cluster {self.name}", provisioning_state(cluster))
+        with_cluster = only is None or self.cluster_what in only
+        # The cluster's delete takes its System pool(s); alone, the last one cannot go.
+        for name, pool in self._pools().items():
+            if (only is None or self.pool_what(name) in only) and \
+                    not (with_cluster and _text(pool.properties.mode) == SYSTEM):
+                if provisioning_state(pool) not in SETTLED:
+                    return self._settled(self.pool_what(name), provisioning_state(pool), pool=name)
+                return self._delete_pool(name)
+        if not with_cluster:
+            return None
+        self.log.info("AKS cluster %s: deleting", self.name)
+        return self._start("managed_clusters.begin_delete", f"AKS cluster {self.name}: delete")
+
+    # ---- in-process loops (library use, tests) ------------------------------------------------
 
     def ensure(self) -> ProvisionResult:
-        """The cluster and every pool of the spec, Succeeded. Pools the spec does not list are
-        left alone (:meth:`scale` removes them)."""
-        system = self._check_spec()
+        """The cluster and every pool of the spec, Succeeded, waiting in-process. Pools the
+        spec does not list are left alone (:meth:`scale` removes them)."""
         result = ProvisionResult()
-        cluster = self._get_cluster()
-        if cluster is not None:
-            self._check_ours(cluster)
-            cluster = self._settle_cluster(cluster)
-        if cluster is None:
-            cluster = self._create_cluster(system)
-            result.created += [self.cluster_what, self.pool_what(system.name)]
-        else:
-            result.adopted.append(self.cluster_what)
-            cluster = self._converge_cluster(cluster)
-        self._settle_pools()
-        for pool in self.cfg.node_pools:
-            what = self.pool_what(pool.name)
-            outcome, _ = self._ensure_pool(pool, SYSTEM if pool is system else USER)
-            if outcome == "created":
-                result.created.append(what)
-            elif what not in result.created:
+        created, adopted = self.on_created, self.on_adopted
+
+        def note_created(what: str) -> None:
+            result.created.append(what)
+            created(what)
+
+        def note_adopted(what: str) -> None:
+            if what not in result.created and what not in result.adopted:
                 result.adopted.append(what)
-        result.fqdn = cluster.properties.fqdn
+            adopted(what)
+
+        self.on_created, self.on_adopted = note_created, note_adopted
+        try:
+            self._loop(self.reconcile)
+        finally:
+            self.on_created, self.on_adopted = created, adopted
+        result.fqdn = self._get_cluster().properties.fqdn
         return result
+
+    def scale(self) -> list[str]:
+        """Pools to the spec, waiting in-process: converge the listed ones (count, bounds,
+        autoscaling, labels, taints, mode), create the missing, delete the ones the spec
+        dropped that carry our tags. Returns what changed, e.g.
+        ``"agentPool llm-a/gpu updated: maxCount 3 -> 5"``."""
+        self.changes = []
+        self._loop(lambda: self.reconcile(create=False, prune=True))
+        return self.changes
+
+    def teardown(self, *, only: Collection[str] | None = None) -> list[str]:
+        """Delete the User pools, then the cluster, waiting in-process; "already gone" is
+        success. Returns what is left (empty when clean); the reason is logged."""
+        try:
+            self._loop(lambda: self.teardown_step(only))
+        except AKSError as exc:
+            if "is not Airfleet's" in str(exc):
+                raise
+            left = self._leftovers(only)
+            self.log.error("AKS cluster %s: teardown incomplete (%s); left: %s; manual cleanup "
+                           "may be required", self.name, exc, ", ".join(left) or "nothing")
+            return left
+        return []
+
+    def _loop(self, step: Callable[[], Wait | None]) -> None:
+        deadline = time.monotonic() + self.wait_seconds
+        while (wait := step()) is not None:
+            if wait.kind == OPERATION:
+                self._follow(resume_operation(self.client, wait.args), wait.what)
+                continue
+            if time.monotonic() > deadline:
+                raise AKSError(f"{wait.what} after {self.wait_seconds:g}s")
+            self.sleep(self.poll_seconds)
+
+    def _follow(self, poller: Any, what: str) -> Any:
+        """The poller's result; an operation that ended Failed/Canceled is an AKSError with
+        Azure's code and message."""
+        with self._azure(what):
+            resource = poller.result(timeout=self.wait_seconds)
+        if not poller.done():
+            raise AKSError(f"{what}: still {poller.status()} after {self.wait_seconds:g}s")
+        return resource
+
+    # ---- the cluster ------------------------------------------------------------------------
 
     def _check_spec(self) -> NodePool:
         """The System pool; an error naming the field for what AKS would refuse, before any
@@ -189,7 +312,7 @@ class AKSProvisioner:
                                "characters without <>%&\\?/, values of at most 256)")
         return system
 
-    def _create_cluster(self, system: NodePool) -> Any:
+    def _create_cluster(self, system: NodePool) -> Wait:
         cfg = self.cfg
         self.log.info("AKS cluster %s: creating in %s/%s (Kubernetes %s, System pool %s)",
                       self.name, cfg.resource_group, cfg.location, cfg.version, system.name)
@@ -199,11 +322,11 @@ class AKSProvisioner:
                                "agentPoolProfiles": [
                                    {"name": system.name, **self._pool_properties(system, SYSTEM)}
                                ]}}
-        with self._azure(f"AKS cluster {self.name}: create"):
-            poller = self.client.managed_clusters.begin_create_or_update(self.rg, self.name, body)
+        wait = self._start("managed_clusters.begin_create_or_update",
+                           f"AKS cluster {self.name}: create", body)
         self.on_created(self.cluster_what)
         self.on_created(self.pool_what(system.name))
-        return self._wait(poller, f"AKS cluster {self.name}: create")
+        return wait
 
     def _check_ours(self, cluster: Any) -> None:
         tags = cluster.tags or {}
@@ -214,7 +337,7 @@ class AKSProvisioner:
                 f"{TAG_CLUSTER}={self.name} tags); onboard it as provider existing, or choose "
                 "another name. Nothing was changed")
 
-    def _converge_cluster(self, cluster: Any) -> Any:
+    def _converge_cluster(self, cluster: Any) -> Wait | None:
         """An adopted cluster: reconcile it if it was left Failed, add missing tags. No write
         when it already matches. Kubernetes upgrades are not done here."""
         props = cluster.properties
@@ -226,24 +349,20 @@ class AKSProvisioner:
             self.log.warning("AKS cluster %s runs Kubernetes %s, the spec says %s: not "
                              "upgraded (upgrades are not part of provisioning)", self.name,
                              current or props.kubernetes_version, self.cfg.version)
-        state = _state(cluster)
+        state = provisioning_state(cluster)
         if state != "Succeeded":
             # AKS reconciles a Failed/Canceled cluster on a PUT of what it is ("az aks update").
             self.log.info("AKS cluster %s is %s: reconciling it (PUT as it is)", self.name,
                           state)
             cluster.tags = tags
-            with self._azure(f"AKS cluster {self.name}: reconcile"):
-                poller = self.client.managed_clusters.begin_create_or_update(
-                    self.rg, self.name, cluster)
-            return self._wait(poller, f"AKS cluster {self.name}: reconcile")
+            return self._start("managed_clusters.begin_create_or_update",
+                               f"AKS cluster {self.name}: reconcile", cluster)
         if tags != live_tags:
             self.log.info("AKS cluster %s: adding tags %s", self.name,
                           ", ".join(sorted(k for k in tags if live_tags.get(k) != tags[k])))
-            with self._azure(f"AKS cluster {self.name}: update tags"):
-                poller = self.client.managed_clusters.begin_update_tags(
-                    self.rg, self.name, {"tags": tags})
-            return self._wait(poller, f"AKS cluster {self.name}: update tags")
-        return cluster
+            return self._start("managed_clusters.begin_update_tags",
+                               f"AKS cluster {self.name}: update tags", {"tags": tags})
+        return None
 
     # ---- agent pools ------------------------------------------------------------------------
 
@@ -261,30 +380,27 @@ class AKSProvisioner:
             props.update(minCount=pool.min, maxCount=pool.max)
         return props
 
-    def _ensure_pool(self, pool: NodePool, mode: str) -> tuple[str, list[str]]:
-        """Create the pool or converge it; ("created" | "updated" | "unchanged", changes)."""
-        live = self._get_pool(pool.name)
+    def _ensure_pool(self, pool: NodePool, mode: str, live: Any | None) -> Wait | None:
+        """Create the pool or converge it; the Wait of the write, None when it matched."""
         what = self.pool_what(pool.name)
         if live is None:
             props = self._pool_properties(pool, mode)
             self.log.info("%s: creating (%s %s, %s)", what, mode, props["vmSize"],
                           f"{pool.min}..{pool.max}, {pool.desired} now"
                           if props["enableAutoScaling"] else f"{pool.desired} nodes")
-            with self._azure(f"{what}: create"):
-                poller = self.client.agent_pools.begin_create_or_update(
-                    self.rg, self.name, pool.name, {"properties": props})
+            wait = self._start("agent_pools.begin_create_or_update", f"{what}: create",
+                               {"properties": props}, pool=pool.name)
             self.on_created(what)
-            self._wait(poller, f"{what}: create")
-            return "created", []
+            self.changes.append(f"{what} created")
+            return wait
         changes = self._converge_pool(live, pool, mode)
         if not changes:
-            return "unchanged", []
+            return None
         self.log.info("%s: updating %s", what, "; ".join(changes))
-        with self._azure(f"{what}: update"):
-            poller = self.client.agent_pools.begin_create_or_update(
-                self.rg, self.name, pool.name, live)
-        self._wait(poller, f"{what}: update")
-        return "updated", changes
+        wait = self._start("agent_pools.begin_create_or_update", f"{what}: update", live,
+                           pool=pool.name)
+        self.changes.append(f"{what} updated: {'; '.join(changes)}")
+        return wait
 
     def _converge_pool(self, live: Any, pool: NodePool, mode: str) -> list[str]:
         """Change ``live`` (the GET result, put back as a whole, as ``az aks nodepool update``
@@ -328,34 +444,12 @@ class AKSProvisioner:
         if {**live_tags, **self.tags} != live_tags:
             changes.append("tags")
             props.tags = {**live_tags, **self.tags}
-        state = _state(live)
+        state = provisioning_state(live)
         if state != "Succeeded" and not changes:
             changes.append(f"reconcile ({state})")
         return changes
 
-    # ---- scale (update flow) ----------------------------------------------------------------
-
-    def scale(self) -> list[str]:
-        """Pools to the spec: converge the listed ones (count, bounds, autoscaling, labels,
-        taints, mode), create the missing, delete the ones the spec dropped that carry our
-        tags (others are left alone and logged). Returns what changed, e.g.
-        ``"agentPool llm-a/gpu updated: maxCount 3 -> 5"``."""
-        system = self._check_spec()
-        cluster = self._get_cluster()
-        if cluster is not None:
-            self._check_ours(cluster)
-            cluster = self._settle_cluster(cluster)
-        if cluster is None:
-            raise AKSError(f"AKS cluster {self.name} does not exist in resource group "
-                           f"{self.rg}; create it first")
-        live = self._settle_pools()
-        changed = []
-        for pool in self.cfg.node_pools:
-            outcome, changes = self._ensure_pool(pool, SYSTEM if pool is system else USER)
-            if outcome == "created":
-                changed.append(f"{self.pool_what(pool.name)} created")
-            elif outcome == "updated":
-                changed.append(f"{self.pool_what(pool.name)} updated: {'; '.join(changes)}")
+    def _prune_pools(self, live: dict[str, Any]) -> Wait | None:
         wanted = {p.name for p in self.cfg.node_pools}
         for name, pool in live.items():
             if name in wanted:
@@ -364,13 +458,19 @@ class AKSProvisioner:
                 self.log.info("%s is not in the spec and not Airfleet's: left alone",
                               self.pool_what(name))
                 continue
-            self._delete_pool(name)
-            changed.append(f"{self.pool_what(name)} deleted")
-        return changed
+            return self._delete_pool(name)
+        return None
 
     def _pool_is_ours(self, pool: Any) -> bool:
         tags = pool.properties.tags or {}
         return tags.get(TAG_MANAGED_BY) == MANAGED_BY_VALUE and tags.get(TAG_CLUSTER) == self.name
+
+    def _delete_pool(self, name: str) -> Wait:
+        what = self.pool_what(name)
+        self.log.info("%s: deleting", what)
+        wait = self._start("agent_pools.begin_delete", f"{what}: delete", pool=name)
+        self.changes.append(f"{what} deleted")
+        return wait
 
     # ---- credentials ------------------------------------------------------------------------
 
@@ -393,65 +493,42 @@ class AKSProvisioner:
                       len(chosen.value))
         return bytes(chosen.value)
 
-    # ---- teardown ---------------------------------------------------------------------------
+    # ---- waits --------------------------------------------------------------------------------
 
-    def teardown(self, *, only: Collection[str] | None = None) -> list[str]:
-        """Delete the User pools, then the cluster (which takes its System pool), and wait
-        until they are gone; "already gone" is success.
+    def _args(self, **more: Any) -> dict[str, Any]:
+        return {"azure_conn_id": self.cfg.credential.airflow_conn_id,
+                "subscription_id": self.cfg.subscription_id, "resource_group": self.rg,
+                "cluster": self.name, "timeout": self.wait_seconds, **more}
 
-        :param only: just these resources, named as ``on_created`` named them (cleanup of what
-            a failed run created, e.g. only the pool it added to an adopted cluster).
-        :return: what is left (empty when clean); the reason is logged.
-        :raises AKSError: the cluster exists and is not Airfleet's (nothing is deleted).
-        """
-        cluster = self._get_cluster()
-        if cluster is not None:
-            self._check_ours(cluster)
-        with_cluster = only is None or self.cluster_what in only
-        pools: list[str] = []
-        try:
-            if cluster is not None:
-                cluster = self._settle_cluster(cluster)
-            if cluster is None:
-                self.log.info("AKS cluster %s is already gone", self.name)
-                return []
-            # The cluster's delete takes its System pool(s); alone, the last one cannot go.
-            pools = [name for name, pool in self._pools().items()
-                     if (only is None or self.pool_what(name) in only)
-                     and not (with_cluster and _text(pool.properties.mode) == SYSTEM)]
-            for name in pools:
-                self._delete_pool(name)
-            if with_cluster:
-                self.log.info("AKS cluster %s: deleting", self.name)
-                with self._azure(f"AKS cluster {self.name}: delete"):
-                    poller = self.client.managed_clusters.begin_delete(self.rg, self.name)
-                self._wait(poller, f"AKS cluster {self.name}: delete")
-        except AKSError as exc:
-            left = self._leftovers(pools, with_cluster)
-            self.log.error("AKS cluster %s: teardown incomplete (%s); left: %s; manual cleanup "
-                           "may be required", self.name, exc, ", ".join(left) or "nothing")
-            return left
-        return []
+    def _start(self, method: str, what: str, body: Any = None, *,
+               pool: str | None = None) -> Wait:
+        """Send a write (``method`` of the client, e.g. ``agent_pools.begin_delete``) without
+        waiting for it, and return the Wait that follows it: the continuation token (the
+        initial response's URL and body; azure-core keeps no Authorization header in it) lets
+        a client in another process, the triggerer's async one, follow it to its end."""
+        with self._azure(what):
+            poller = _client_method(self.client, method)(
+                *_operation_args(self.rg, self.name, pool, method, body), polling=_SendOnly())
+        more = {"pool": pool} if pool else {}
+        return Wait(OPERATION, what, self._args(operation=method,
+                                                continuation_token=poller.continuation_token(),
+                                                **more))
 
-    def _delete_pool(self, name: str) -> None:
-        what = self.pool_what(name)
-        self.log.info("%s: deleting", what)
-        with self._azure(f"{what}: delete"):
-            poller = self.client.agent_pools.begin_delete(self.rg, self.name, name)
-        self._wait(poller, f"{what}: delete")
+    def _settled(self, what: str, state: str, **more: Any) -> Wait:
+        self.log.info("%s is %s (an operation runs on it); waiting", what, state)
+        return Wait(SETTLED_KIND, f"{what} still {state}", self._args(**more))
 
-    def _leftovers(self, pools: list[str], with_cluster: bool) -> list[str]:
+    def _leftovers(self, only: Collection[str] | None) -> list[str]:
         try:
             if self._get_cluster() is None:
                 return []
-            present = self._pools()
+            present = [self.pool_what(n) for n in self._pools()]
         except AKSError:
-            return ([self.cluster_what] if with_cluster else []) + [
-                self.pool_what(n) for n in pools]
-        return ([self.cluster_what] if with_cluster else []) + [
-            self.pool_what(n) for n in pools if n in present]
+            return [self.cluster_what] if only is None else list(only)
+        wanted = present + [self.cluster_what]
+        return [w for w in wanted if only is None or w in only]
 
-    # ---- reading and waiting ----------------------------------------------------------------
+    # ---- reading ----------------------------------------------------------------------------
 
     @contextmanager
     def _azure(self, what: str) -> Iterator[None]:
@@ -459,7 +536,10 @@ class AKSProvisioner:
         try:
             yield
         except HttpResponseError as exc:
-            raise _aks_error(what, exc) from None
+            raise aks_error(what, exc) from None
+
+    def exists(self) -> bool:
+        return self._get_cluster() is not None
 
     def _get_cluster(self) -> Any | None:
         """The cluster, or None when it (or its resource group) does not exist."""
@@ -480,42 +560,39 @@ class AKSProvisioner:
         with self._azure(f"AKS cluster {self.name}: list agent pools"):
             return {p.name: p for p in self.client.agent_pools.list(self.rg, self.name)}
 
-    def _wait(self, poller: Any, what: str) -> Any:
-        """The poller's result; an operation that ended Failed/Canceled is an AKSError with
-        Azure's code and message."""
-        with self._azure(what):
-            resource = poller.result(timeout=self.wait_seconds)
-        if not poller.done():
-            raise AKSError(f"{what}: still {poller.status()} after {self.wait_seconds:g}s")
-        return resource
-
-    def _settle_cluster(self, cluster: Any) -> Any | None:
-        """Wait (GET by GET) until no operation runs on the cluster; None once it is gone
-        (it was being deleted)."""
-        return self._settle(cluster, self._get_cluster, f"AKS cluster {self.name}")
-
-    def _settle_pools(self) -> dict[str, Any]:
-        """The cluster's pools, each waited for until no operation runs on it (AKS refuses a
-        write on a cluster while one of its pools is busy)."""
-        pools = {}
-        for name, pool in self._pools().items():
-            pool = self._settle(pool, lambda n=name: self._get_pool(n), self.pool_what(name))
-            if pool is not None:
-                pools[name] = pool
-        return pools
-
-    def _settle(self, resource: Any, read: Callable[[], Any | None], what: str) -> Any | None:
-        deadline = time.monotonic() + self.wait_seconds
-        while resource is not None and _state(resource) not in SETTLED:
-            if time.monotonic() > deadline:
-                raise AKSError(f"{what} still {_state(resource)} after {self.wait_seconds:g}s")
-            self.log.info("%s is %s (an operation runs on it); waiting", what, _state(resource))
-            self.sleep(self.poll_seconds)
-            resource = read()
-        return resource
 
 
-def _aks_error(what: str, exc: HttpResponseError) -> AKSError:
+class _SendOnly(ARMPolling):
+    """ARM's polling, stopped before it starts: the request is sent and its response read
+    (so the continuation token can be made), but no thread polls in this process."""
+
+    def finished(self) -> bool:
+        return True
+
+
+def resume_operation(client: Any, args: dict[str, Any]) -> Any:
+    """Follow the operation of an :data:`OPERATION` Wait's ``args`` with ``client`` (sync: the
+    poller; ``aio``: an awaitable of it)."""
+    method = args["operation"]
+    return _client_method(client, method)(
+        *_operation_args(args["resource_group"], args["cluster"], args.get("pool"), method,
+                         None), continuation_token=args["continuation_token"])
+
+
+def _client_method(client: Any, dotted: str) -> Callable[..., Any]:
+    group, name = dotted.split(".")
+    return getattr(getattr(client, group), name)
+
+
+def _operation_args(rg: str, cluster: str, pool: str | None, method: str,
+                    body: Any) -> list[Any]:
+    """The positional arguments of a ``begin_*`` method (a resumed one gets no body)."""
+    return [rg, cluster, *([pool] if pool else []),
+            *([] if method.endswith("begin_delete") else [body])]
+
+
+def aks_error(what: str, exc: HttpResponseError) -> AKSError:
+    """Azure's refusal (or a failed operation) as an AKSError: ``<what>: <code>: <message>``."""
     error = getattr(exc, "error", None)
     code = getattr(error, "code", None) or None
     message = getattr(error, "message", None) or exc.reason or str(exc)

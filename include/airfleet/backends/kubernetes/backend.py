@@ -7,21 +7,32 @@ whole list and nothing is created), then creates or patches each object to its d
 metrics collector); PVCs are never removed by an update, they hold model weights.
 ``wait_ready`` watches the Deployments until they are Available. ``teardown`` deletes the
 namespace (Kubernetes deletes its content) and waits until it is gone.
+
+``provider: eks | aks`` first provisions the managed cluster (:mod:`.eks`, :mod:`.aks`) in
+reconcile passes that return what to wait for (the flow waits in Airflow's triggerer), then
+continues exactly as an existing cluster; ``scale`` converges the node pools, ``deprovision``
+removes pools and cluster, ``cleanup_failed_run`` what a failed create made.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from airfleet.accelerators import cluster_totals, from_node_labels
-from airfleet.backends import Backend, BackendContext, Observation
+from airfleet.backends import Backend, BackendContext, Observation, Wait
 from airfleet.backends.kubernetes import manifests as m
 from airfleet.backends.kubernetes.kube import Kube, KubeError
 from airfleet.errors import AirfleetError, InvalidRequest
 from airfleet.resources import Cluster, ClusterSpec, Condition, NodeStatus, Provider
 
 NAMESPACE_GONE_SECONDS = 300
+CLOUDS = (Provider.EKS, Provider.AKS)
+ACCESS_REVIEWS_AT_ONCE = 8
+# Fields of a managed cluster's config that an update cannot change.
+FIXED = {Provider.EKS: ("region", "role_arn", "subnet_ids", "version"),
+         Provider.AKS: ("subscription_id", "resource_group", "location", "version")}
 CLEANUP_KINDS = ("Deployment", "Service", "Ingress", "ConfigMap", "Secret")
 
 # What Airfleet does in a cluster: (verb, API group, resource, namespaced). Creating the Role
@@ -45,14 +56,18 @@ class MissingPermissions(AirfleetError):
 
 
 def _can_i(kube: Kube, namespace: str) -> list[str]:
-    """Every missing permission, as ``verb group/resource (scope)``."""
-    missing = []
-    for verb, group, resource, namespaced in PERMISSIONS:
+    """Every missing permission, as ``verb group/resource (scope)``. One access review per
+    permission (about 50), a few at a time: in sequence they cost seconds per flow."""
+    def missing(permission: tuple[str, str, str, bool]) -> str | None:
+        verb, group, resource, namespaced = permission
         ns = namespace if namespaced else None
-        if not kube.can(verb, resource, group, ns):
-            scope = f"in namespace {ns}" if ns else "cluster-wide"
-            missing.append(f"{verb} {group + '/' if group else ''}{resource} ({scope})")
-    return missing
+        if kube.can(verb, resource, group, ns):
+            return None
+        scope = f"in namespace {ns}" if ns else "cluster-wide"
+        return f"{verb} {group + '/' if group else ''}{resource} ({scope})"
+
+    with ThreadPoolExecutor(max_workers=ACCESS_REVIEWS_AT_ONCE) as pool:
+        return [m for m in pool.map(missing, PERMISSIONS) if m]
 
 
 def _available(deployment: dict[str, Any]) -> bool:
@@ -95,19 +110,118 @@ def _node_status(node: dict[str, Any]) -> NodeStatus:
 
 class KubernetesBackend(Backend):
     cluster_type = "kubernetes"
-    clients = ("kubernetes", "registry")
+    clients = ("kubernetes", "registry", "cloud")
 
     def validate(self, spec: ClusterSpec) -> None:
-        if spec.provider in (Provider.EKS, Provider.AKS):
+        if spec.provider in CLOUDS and not spec.block.credential.airflow_conn_id:
+            kind = "AWS" if spec.provider is Provider.EKS else "Azure"
             raise InvalidRequest(
-                f"cluster.spec.provider: {spec.provider.value} provisioning is not available "
-                "yet; provision the cluster yourself and use provider existing with its "
-                "kubeconfig")
+                f"cluster.spec.config.{spec.provider.value}.credential: give an Airflow "
+                f"{kind} connection (airflow_conn_id); cloud credentials are read from "
+                "Airflow's connections, not from the vault")
 
-    def provision(self, cluster: Cluster, ctx: BackendContext) -> None:
-        """The cluster exists (provider existing): check access and permissions before
-        anything is made."""
-        self._check_access(Kube(ctx.clients["kubernetes"]), m.namespace_of(cluster.name), ctx)
+    def validate_update(self, recorded: Cluster, desired: ClusterSpec) -> None:
+        """What a managed cluster cannot change in place: where it lives, its roles and
+        network, its Kubernetes version (upgrades are not done by Airfleet), and a node pool's
+        instance types."""
+        if recorded.spec.provider not in CLOUDS:
+            return
+        provider = recorded.spec.provider.value
+        before, after = recorded.spec.block, desired.block
+        for name in FIXED[recorded.spec.provider]:
+            if getattr(before, name) != getattr(after, name):
+                raise InvalidRequest(
+                    f"cluster.spec.config.{provider}.{name}: cannot change on an existing "
+                    f"cluster (it is {getattr(before, name)!r}, the request says "
+                    f"{getattr(after, name)!r}); delete the cluster and create it anew")
+        kinds = {p.name: p.instance_types for p in before.node_pools}
+        for i, pool in enumerate(after.node_pools):
+            if pool.name in kinds and kinds[pool.name] != pool.instance_types:
+                raise InvalidRequest(
+                    f"cluster.spec.config.{provider}.node_pools.{i}.instance_types: a node "
+                    f"pool's instance types cannot change (pool {pool.name} has "
+                    f"{kinds[pool.name]}); add a pool under a new name and drop this one")
+
+    # ---- the managed cluster (eks, aks) -----------------------------------------------------
+
+    def provision(self, cluster: Cluster, ctx: BackendContext) -> Wait | None:
+        """One pass of provisioning (eks, aks): the cluster and its node pools, then (once
+        they are ready) the admin kubeconfig into the vault (AKS) and the access and
+        permission check. An existing cluster gets the check alone, before anything is made."""
+        provisioner = self._provisioner(cluster, ctx)
+        if provisioner is not None:
+            wait = provisioner.reconcile()
+            if wait is not None:
+                ctx.progress(f"provisioning: waiting for {wait.what}")
+                return wait
+            if cluster.spec.provider is Provider.AKS:
+                ctx.store_kubeconfig(provisioner.admin_kubeconfig())
+            ctx.progress(f"provisioning: {cluster.spec.provider.value} cluster "
+                         f"{cluster.name} and its node pools are ready")
+        self._check_access(self._kube(ctx), m.namespace_of(cluster.name), ctx)
+        return None
+
+    def scale(self, cluster: Cluster, ctx: BackendContext) -> Wait | None:
+        """The node pools to the recorded spec: sizes and bounds converged, new pools made,
+        pools of ours the spec dropped removed."""
+        provisioner = self._provisioner(cluster, ctx)
+        if provisioner is None:
+            return None
+        wait = provisioner.reconcile(create=False, prune=True)
+        for change in provisioner.changes:
+            ctx.record_event("NodePoolChanged", change, "Normal")
+        if wait is not None:
+            ctx.progress(f"scaling: waiting for {wait.what}")
+        return wait
+
+    def deprovision(self, cluster: Cluster, ctx: BackendContext, *,
+                    force: bool = False) -> Wait | None:
+        """Node pools, then the managed cluster; "already gone" is done."""
+        provisioner = self._provisioner(cluster, ctx)
+        if provisioner is None:
+            return None
+        wait = provisioner.teardown_step()
+        if wait is not None:
+            ctx.progress(f"deleting: waiting for {wait.what}")
+        return wait
+
+    def cleanup_failed_run(self, cluster: Cluster, ctx: BackendContext, *,
+                           created: list[str]) -> Wait | None:
+        provisioner = self._provisioner(cluster, ctx)
+        if provisioner is None or not created:
+            return None
+        if not cluster.spec.block.delete_on_failure:
+            ctx.log.warning("cluster %s: kept what this run created (delete_on_failure is "
+                            "false): %s; delete the cluster (airfleet_cluster_delete) or "
+                            "remove them by hand", cluster.name, ", ".join(created))
+            return None
+        wait = provisioner.teardown_step(only=created)
+        if wait is not None:  # logged only: the status keeps saying why the create failed
+            ctx.log.info("cluster %s: cleaning up after the failed create: waiting for %s",
+                         cluster.name, wait.what)
+        return wait
+
+    def _provisioner(self, cluster: Cluster, ctx: BackendContext):
+        """The EKS or AKS provisioner of the cluster; None for an existing cluster."""
+        # Imported here: the cloud SDKs load only where a cloud cluster is handled.
+        if cluster.spec.provider is Provider.EKS:
+            from airfleet.backends.kubernetes.eks import EKSProvisioner as provisioner_class
+        elif cluster.spec.provider is Provider.AKS:
+            from airfleet.backends.kubernetes.aks import AKSProvisioner as provisioner_class
+        else:
+            return None
+        return provisioner_class(
+            ctx.clients["cloud"], cluster.spec.block, cluster.name, log=ctx.log,
+            on_created=lambda what: ctx.record_resource(what, True),
+            on_adopted=lambda what: ctx.record_resource(what, False))
+
+    @staticmethod
+    def _kube(ctx: BackendContext) -> Kube:
+        """The Kubernetes API; a provisioned cluster's client connects on first use."""
+        api = ctx.clients["kubernetes"]
+        return Kube(api() if callable(api) else api)
+
+    # ---- the Airfleet components --------------------------------------------------------------
 
     def apply(self, cluster: Cluster, ctx: BackendContext) -> Observation:
         return self._install(cluster, ctx, update=True)
@@ -116,7 +230,7 @@ class KubernetesBackend(Backend):
         return self._install(cluster, ctx, update=False)
 
     def _install(self, cluster: Cluster, ctx: BackendContext, *, update: bool) -> Observation:
-        kube, ns = Kube(ctx.clients["kubernetes"]), m.namespace_of(cluster.name)
+        kube, ns = self._kube(ctx), m.namespace_of(cluster.name)
         self._check_access(kube, ns, ctx)
         self._own_namespace(kube, cluster)
         desired = m.desired_objects(cluster, ctx.clients.get("registry"))
@@ -178,7 +292,7 @@ class KubernetesBackend(Backend):
                    timeout: float | None = None) -> Observation:
         """Watch the components until every one is Available, for up to ``timeout`` seconds
         (the spec's ``ready_timeout_seconds`` by default; 0 looks once)."""
-        kube, ns = Kube(ctx.clients["kubernetes"]), m.namespace_of(cluster.name)
+        kube, ns = self._kube(ctx), m.namespace_of(cluster.name)
         wanted = m.components(cluster)
         seconds = self.ready_timeout(cluster) if timeout is None else timeout
         items = kube.watch_until(
@@ -193,7 +307,7 @@ class KubernetesBackend(Backend):
 
     def health(self, cluster: Cluster, ctx: BackendContext) -> Observation:
         """API reachable, components Available, and a node readiness summary."""
-        kube, ns = Kube(ctx.clients["kubernetes"]), m.namespace_of(cluster.name)
+        kube, ns = self._kube(ctx), m.namespace_of(cluster.name)
         kube.version()
         nodes = [_node_status(n) for n in kube.list("Node")["items"]]
         ready = sum(n.phase == "Ready" for n in nodes)
@@ -212,7 +326,7 @@ class KubernetesBackend(Backend):
 
     def query(self, cluster: Cluster, ctx: BackendContext) -> Observation:
         """Discover an existing cluster read-only: access, permissions and nodes."""
-        kube = Kube(ctx.clients["kubernetes"])
+        kube = self._kube(ctx)
         self._check_access(kube, m.namespace_of(cluster.name), ctx)
         nodes = [_node_status(n) for n in kube.list("Node")["items"]]
         for node in nodes:
@@ -223,7 +337,7 @@ class KubernetesBackend(Backend):
     def detect_accelerators(self, cluster: Cluster, ctx: BackendContext) -> dict[str, Any]:
         """From node labels (NFD, GPU feature discovery) and allocatable resources."""
         per_node = {}
-        for node in Kube(ctx.clients["kubernetes"]).list("Node")["items"]:
+        for node in self._kube(ctx).list("Node")["items"]:
             name = node["metadata"]["name"]
             report = from_node_labels(node["metadata"].get("labels") or {},
                                       (node.get("status") or {}).get("allocatable") or {})
@@ -236,9 +350,15 @@ class KubernetesBackend(Backend):
     # ---- delete -----------------------------------------------------------------------------
 
     def teardown(self, cluster: Cluster, ctx: BackendContext, *, force: bool = False) -> list[str]:
-        """Delete the namespace (its content goes with it) and wait until it is gone. With
-        ``force``, what could not be removed (an unreachable API, a stuck namespace) is logged
-        and the cluster is reported Deleted all the same."""
+        """Delete the namespace (its content goes with it: a LoadBalancer Service releases its
+        cloud load balancer) and wait until it is gone; :meth:`deprovision` then removes a
+        managed cluster. With ``force``, what could not be removed (an unreachable API, a stuck
+        namespace) is logged and the cluster is reported Deleted all the same."""
+        provisioner = self._provisioner(cluster, ctx)
+        if provisioner is not None and not provisioner.exists():
+            ctx.log.info("cluster %s: the %s cluster is gone, and its namespace with it",
+                         cluster.name, cluster.spec.provider.value)
+            return []
         try:
             left = self._delete_namespace(cluster, ctx)
         except KubeError as exc:
@@ -253,9 +373,8 @@ class KubernetesBackend(Backend):
             return []
         return left
 
-    @staticmethod
-    def _delete_namespace(cluster: Cluster, ctx: BackendContext) -> list[str]:
-        kube, ns = Kube(ctx.clients["kubernetes"]), m.namespace_of(cluster.name)
+    def _delete_namespace(self, cluster: Cluster, ctx: BackendContext) -> list[str]:
+        kube, ns = self._kube(ctx), m.namespace_of(cluster.name)
         live = kube.get("Namespace", ns)
         if live is None:
             ctx.log.info("cluster %s: namespace %s is already gone", cluster.name, ns)

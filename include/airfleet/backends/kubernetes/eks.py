@@ -1,29 +1,34 @@
 """Provisioning an EKS cluster and its node groups (a library layer over a boto3 EKS client).
 
-Each step looks before it acts, so a retried or re-run flow converges instead of failing the
-way ``EksCreateClusterOperator`` does once the cluster exists:
+The work is done in reconcile passes (kopf's level-based style): each pass looks at what
+exists, creates what is missing, converges what is ours, and returns the :class:`Wait` of
+whatever is still in progress (a cluster CREATING, a node group UPDATING), or None once all is
+ACTIVE. The flow waits in Airflow's triggerer and calls again; :meth:`EKSProvisioner.ensure`,
+:meth:`~EKSProvisioner.scale` and :meth:`~EKSProvisioner.teardown` loop over passes in-process.
+Because every pass starts from what EKS reports, a retried or re-run flow converges instead of
+failing the way ``EksCreateClusterOperator`` does once the cluster exists:
 
 - The cluster carries Airfleet's ownership tags. One that exists with them is adopted; one
   without them is an error that changes nothing (it belongs to somebody else).
 - Node groups are created when missing and their scaling converged when they exist; a GPU pool
   gets the taint ``nvidia.com/gpu=true:NoSchedule``, the label ``nvidia.com/gpu.present=true``
   and a GPU AMI.
-- ``on_created`` is called as soon as each resource this run created exists, so the caller can
-  record it and remove it if a later step fails.
-- Teardown removes the node groups, then the cluster, and waits until they are gone; "already
-  gone" is success.
+- ``on_created`` is called as soon as each resource this run created exists (``on_adopted``
+  for one found), so the caller can record it and remove it if a later step fails.
+- Teardown removes the node groups, then the cluster; "already gone" is success.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import ClientError
 
+from airfleet.backends import Wait
 from airfleet.backends.kubernetes.manifests import CLUSTER_LABEL, MANAGED_BY, MANAGED_BY_VALUE
 from airfleet.errors import AirfleetError
 from airfleet.resources import EKSConfig, NodePool
@@ -36,6 +41,12 @@ _EFFECTS = {"NoSchedule": "NO_SCHEDULE", "PreferNoSchedule": "PREFER_NO_SCHEDULE
             "NoExecute": "NO_EXECUTE"}
 WAIT_SECONDS = 1800  # EKS takes 10-15 minutes for a cluster, a few for a node group
 POLL_SECONDS = 15.0
+BUSY = frozenset({"CREATING", "UPDATING", "DELETING"})
+BROKEN = frozenset({"FAILED", "CREATE_FAILED", "DELETE_FAILED", "DEGRADED"})
+
+# Wait kinds (the plugin layer maps each to a trigger on the provider's EKS waiters).
+CLUSTER_ACTIVE, NODEGROUP_ACTIVE = "eks_cluster_active", "eks_nodegroup_active"
+CLUSTER_DELETED, NODEGROUP_DELETED = "eks_cluster_deleted", "eks_nodegroup_deleted"
 
 
 class EKSError(AirfleetError):
@@ -54,68 +65,190 @@ def _code(exc: ClientError) -> str:
     return exc.response.get("Error", {}).get("Code", "")
 
 
+def _issues(resource: dict[str, Any]) -> str:
+    issues = (resource.get("health") or {}).get("issues") or []
+    return "; ".join(f"{i.get('code')}: {i.get('message')}" for i in issues)
+
+
 class EKSProvisioner:
     def __init__(self, client: Any, cfg: EKSConfig, cluster_name: str, *,
                  log: logging.Logger | None = None,
                  on_created: Callable[[str], None] = lambda what: None,
+                 on_adopted: Callable[[str], None] = lambda what: None,
                  poll_seconds: float = POLL_SECONDS, wait_seconds: float = WAIT_SECONDS,
                  sleep: Callable[[float], None] = time.sleep):
         self.client, self.cfg, self.name = client, cfg, cluster_name
         self.log = log or logging.getLogger(__name__)
-        self.on_created = on_created
+        self.on_created, self.on_adopted = on_created, on_adopted
         self.poll_seconds, self.wait_seconds, self.sleep = poll_seconds, wait_seconds, sleep
+        self.changes: list[str] = []  # what the passes changed, for the update flow's log
 
     @property
     def tags(self) -> dict[str, str]:
         return {**self.cfg.tags, MANAGED_BY: MANAGED_BY_VALUE, CLUSTER_LABEL: self.name}
 
-    # ---- create or adopt ------------------------------------------------------------------
+    @property
+    def cluster_what(self) -> str:
+        return f"cluster {self.name}"
 
-    def ensure(self) -> ProvisionResult:
-        """The cluster and every node group of the spec, ACTIVE."""
-        result = ProvisionResult()
+    def pool_what(self, pool: str) -> str:
+        return f"nodegroup {self.name}/{pool}"
+
+    # ---- reconcile passes -------------------------------------------------------------------
+
+    def reconcile(self, *, create: bool = True, prune: bool = False) -> Wait | None:
+        """One pass towards the cluster and every node group of the spec, ACTIVE.
+
+        :param create: create the cluster when it is missing (the update flow says False).
+        :param prune: delete node groups of ours that the spec no longer lists (update flow).
+        """
         cluster = self._describe_cluster()
         if cluster is None:
-            cluster = self._create_cluster()
-            result.created.append(f"cluster {self.name}")
-        else:
-            self._check_ours(cluster)
-            result.adopted.append(f"cluster {self.name}")
-        cluster = self._wait_cluster("ACTIVE")
-        for pool in self.cfg.node_pools:
-            what = f"nodegroup {self.name}/{pool.name}"
-            if self._describe_nodegroup(pool.name) is None:
-                self._create_nodegroup(pool)
-                result.created.append(what)
-            else:
-                self._converge_nodegroup(pool)
+            if not create:
+                raise EKSError(f"EKS cluster {self.name} does not exist in {self.cfg.region}; "
+                               "create it first")
+            self._create_cluster()
+            return self._wait(CLUSTER_ACTIVE, f"EKS cluster {self.name}", "CREATING")
+        self._check_ours(cluster)
+        self.on_adopted(self.cluster_what)
+        state = cluster.get("status")
+        if state == "DELETING":
+            raise EKSError(f"EKS cluster {self.name} is being deleted; run the flow again once "
+                           "it is gone")
+        if state in BROKEN:
+            raise EKSError(f"EKS cluster {self.name} is {state}: {_issues(cluster)}")
+        if state != "ACTIVE":
+            return self._wait(CLUSTER_ACTIVE, f"EKS cluster {self.name}", state)
+        waits = [self._reconcile_pool(pool) for pool in self.cfg.node_pools]
+        if prune:
+            waits += self._prune_pools()
+        return next((w for w in waits if w is not None), None)
+
+    def _reconcile_pool(self, pool: NodePool) -> Wait | None:
+        what = f"EKS node group {self.name}/{pool.name}"
+        group = self._describe_nodegroup(pool.name)
+        if group is None:
+            self._create_nodegroup(pool)
+            return self._wait(NODEGROUP_ACTIVE, what, "CREATING", nodegroup=pool.name)
+        self.on_adopted(self.pool_what(pool.name))
+        state = group.get("status")
+        if state in BROKEN:
+            raise EKSError(f"{what} is {state}: {_issues(group) or 'no health issue given'}")
+        if state == "DELETING":
+            raise EKSError(f"{what} is being deleted; run the flow again once it is gone")
+        if state == "ACTIVE" and self._converge_nodegroup(pool, group):
+            state = "UPDATING"
+        if state != "ACTIVE":
+            return self._wait(NODEGROUP_ACTIVE, what, state, nodegroup=pool.name)
+        return None
+
+    def _prune_pools(self) -> list[Wait]:
+        wanted = {p.name for p in self.cfg.node_pools}
+        waits = []
+        for name in self._nodegroups():
+            if name in wanted:
+                continue
+            group = self._describe_nodegroup(name)
+            if group and (group.get("tags") or {}).get(CLUSTER_LABEL) == self.name:
+                waits.append(self._delete_nodegroup(name, group))
+        return waits
+
+    def teardown_step(self, only: Collection[str] | None = None) -> Wait | None:
+        """One pass of teardown: node groups first (EKS refuses to delete a cluster that has
+        any), then the cluster. ``only``: just these resources, as ``on_created`` named them
+        (the cleanup of a failed create); with the cluster among them, all its node groups go."""
+        cluster = self._describe_cluster()
+        if cluster is None:
+            self.log.info("EKS cluster %s is gone", self.name)
+            return None
+        self._check_ours(cluster)
+        with_cluster = only is None or self.cluster_what in only
+        groups = [n for n in self._nodegroups() if with_cluster or self.pool_what(n) in only]
+        waits = [self._delete_nodegroup(n) for n in groups]
+        if waits:
+            return waits[0]
+        if not with_cluster:
+            return None
+        if cluster.get("status") != "DELETING":
+            self.log.info("EKS cluster %s: deleting", self.name)
+            try:
+                self.client.delete_cluster(name=self.name)
+            except ClientError as exc:
+                if _code(exc) == "ResourceNotFoundException":
+                    return None
+                raise EKSError(f"EKS cluster {self.name}: delete refused: {exc}") from None
+        return self._wait(CLUSTER_DELETED, f"EKS cluster {self.name}", "DELETING")
+
+    # ---- in-process loops (library use, tests) ------------------------------------------------
+
+    def ensure(self) -> ProvisionResult:
+        """The cluster and every node group of the spec, ACTIVE, waiting in-process."""
+        result = ProvisionResult()
+        created, adopted = self.on_created, self.on_adopted
+
+        def note_created(what: str) -> None:
+            result.created.append(what)
+            created(what)
+
+        def note_adopted(what: str) -> None:
+            if what not in result.created and what not in result.adopted:
                 result.adopted.append(what)
-        for pool in self.cfg.node_pools:
-            self._wait_nodegroup(pool.name, "ACTIVE")
+            adopted(what)
+
+        self.on_created, self.on_adopted = note_created, note_adopted
+        try:
+            self._loop(self.reconcile)
+        finally:
+            self.on_created, self.on_adopted = created, adopted
+        cluster = self._describe_cluster() or {}
         result.endpoint = cluster.get("endpoint")
         result.ca_data = (cluster.get("certificateAuthority") or {}).get("data")
         return result
 
-    def _create_cluster(self) -> dict[str, Any]:
+    def scale(self) -> list[str]:
+        """Node groups to the spec (converge, create the missing, delete the ones of ours the
+        spec dropped), waiting in-process. Returns what changed."""
+        self.changes = []
+        self._loop(lambda: self.reconcile(create=False, prune=True))
+        return self.changes
+
+    def teardown(self, only: Collection[str] | None = None) -> list[str]:
+        """Delete the node groups, then the cluster, waiting in-process. Returns what is left
+        (empty when clean)."""
+        try:
+            self._loop(lambda: self.teardown_step(only))
+        except EKSError as exc:
+            if "is not Airfleet's" in str(exc):
+                raise
+            return [str(exc)]
+        return []
+
+    def _loop(self, step: Callable[[], Wait | None]) -> None:
+        deadline = time.monotonic() + self.wait_seconds
+        while (wait := step()) is not None:
+            if time.monotonic() > deadline:
+                raise EKSError(f"{wait.what} still in progress after {self.wait_seconds:g}s")
+            self.sleep(self.poll_seconds)
+
+    # ---- writes -----------------------------------------------------------------------------
+
+    def _create_cluster(self) -> None:
         cfg = self.cfg
         self.log.info("EKS cluster %s: creating (Kubernetes %s, %s)", self.name, cfg.version,
                       cfg.region)
         try:
-            cluster = self.client.create_cluster(
+            self.client.create_cluster(
                 name=self.name, version=cfg.version, roleArn=cfg.role_arn, tags=self.tags,
                 resourcesVpcConfig={"subnetIds": cfg.subnet_ids,
                                     "securityGroupIds": cfg.security_group_ids,
                                     "endpointPublicAccess": cfg.endpoint_public_access,
-                                    "endpointPrivateAccess": cfg.endpoint_private_access},
-            )["cluster"]
+                                    "endpointPrivateAccess": cfg.endpoint_private_access})
         except ClientError as exc:
             if _code(exc) != "ResourceInUseException":
                 raise EKSError(f"EKS cluster {self.name}: create refused: {exc}") from None
-            cluster = self._describe_cluster()  # created meanwhile (a retried request)
-            self._check_ours(cluster)
-            return cluster
-        self.on_created(f"cluster {self.name}")
-        return cluster
+            self._check_ours(self._describe_cluster())  # created meanwhile (a retried request)
+            return
+        self.on_created(self.cluster_what)
 
     def _check_ours(self, cluster: dict[str, Any] | None) -> None:
         tags = (cluster or {}).get("tags") or {}
@@ -151,12 +284,12 @@ class EKSProvisioner:
             if _code(exc) != "ResourceInUseException":
                 raise EKSError(f"EKS node group {self.name}/{pool.name}: create refused: "
                                f"{exc}") from None
-            return  # created meanwhile: converged on the next run
-        self.on_created(f"nodegroup {self.name}/{pool.name}")
+            return  # created meanwhile: the next pass converges it
+        self.on_created(self.pool_what(pool.name))
+        self.changes.append(f"nodegroup {pool.name} created")
 
-    def _converge_nodegroup(self, pool: NodePool) -> bool:
+    def _converge_nodegroup(self, pool: NodePool, live: dict[str, Any]) -> bool:
         """Scaling, labels and taints to the spec; False when nothing differed."""
-        live = self._describe_nodegroup(pool.name)
         want = self._nodegroup_args(pool)
         changes: dict[str, Any] = {}
         if live.get("scalingConfig") != want["scalingConfig"]:
@@ -175,73 +308,31 @@ class EKSProvisioner:
                       ", ".join(sorted(changes)))
         self.client.update_nodegroup_config(clusterName=self.name, nodegroupName=pool.name,
                                             **changes)
+        self.changes.append(f"nodegroup {pool.name} updated")
         return True
 
-    # ---- scale (update flow) ----------------------------------------------------------------
+    def _delete_nodegroup(self, name: str, group: dict[str, Any] | None = None) -> Wait:
+        group = group or self._describe_nodegroup(name) or {}
+        what = f"EKS node group {self.name}/{name}"
+        if group.get("status") == "DELETE_FAILED":
+            raise EKSError(f"{what} is DELETE_FAILED: {_issues(group)}")
+        if group.get("status") != "DELETING":
+            self.log.info("%s: deleting", what)
+            try:
+                self.client.delete_nodegroup(clusterName=self.name, nodegroupName=name)
+            except ClientError as exc:
+                if _code(exc) != "ResourceNotFoundException":
+                    raise EKSError(f"{what}: delete refused: {exc}") from None
+            self.changes.append(f"nodegroup {name} deleted")
+        return self._wait(NODEGROUP_DELETED, what, "DELETING", nodegroup=name)
 
-    def scale(self) -> list[str]:
-        """Node groups to the spec: converge the listed ones, create the missing, delete the
-        ones of ours the spec dropped. Returns what changed."""
-        changed = []
-        wanted = {p.name for p in self.cfg.node_pools}
-        for pool in self.cfg.node_pools:
-            if self._describe_nodegroup(pool.name) is None:
-                self._create_nodegroup(pool)
-                changed.append(f"nodegroup {pool.name} created")
-            elif self._converge_nodegroup(pool):
-                changed.append(f"nodegroup {pool.name} updated")
-        for name in self._nodegroups():
-            group = self._describe_nodegroup(name)
-            if name not in wanted and group and \
-                    (group.get("tags") or {}).get(CLUSTER_LABEL) == self.name:
-                self._delete_nodegroup(name)
-                changed.append(f"nodegroup {name} deleted")
-        for pool in self.cfg.node_pools:
-            self._wait_nodegroup(pool.name, "ACTIVE")
-        return changed
+    # ---- reading ----------------------------------------------------------------------------
 
-    # ---- teardown ---------------------------------------------------------------------------
-
-    def teardown(self, only: list[str] | None = None) -> list[str]:
-        """Delete the node groups, then the cluster, and wait until they are gone. ``only``:
-        just these resources (as ``on_created`` named them), for cleaning up after a failed
-        create. Returns what is left (empty when clean)."""
-        cluster = self._describe_cluster()
-        if cluster is None:
-            self.log.info("EKS cluster %s is already gone", self.name)
-            return []
-        self._check_ours(cluster)
-        groups = [n for n in self._nodegroups()
-                  if only is None or f"nodegroup {self.name}/{n}" in only]
-        for name in groups:
-            self._delete_nodegroup(name)
-        try:
-            for name in groups:
-                self._wait_gone(lambda n=name: self._describe_nodegroup(n),
-                                f"EKS node group {self.name}/{name}")
-            if only is None or f"cluster {self.name}" in only:
-                self.log.info("EKS cluster %s: deleting", self.name)
-                try:
-                    self.client.delete_cluster(name=self.name)
-                except ClientError as exc:
-                    if _code(exc) != "ResourceNotFoundException":
-                        raise EKSError(f"EKS cluster {self.name}: delete refused: {exc}") \
-                            from None
-                self._wait_gone(self._describe_cluster, f"EKS cluster {self.name}")
-        except EKSError as exc:
-            return [str(exc)]
-        return []
-
-    def _delete_nodegroup(self, name: str) -> None:
-        self.log.info("EKS node group %s/%s: deleting", self.name, name)
-        try:
-            self.client.delete_nodegroup(clusterName=self.name, nodegroupName=name)
-        except ClientError as exc:
-            if _code(exc) != "ResourceNotFoundException":
-                raise EKSError(f"EKS node group {self.name}/{name}: delete refused: {exc}") \
-                    from None
-
-    # ---- reading and waiting ----------------------------------------------------------------
+    def _wait(self, kind: str, what: str, state: str, **args: Any) -> Wait:
+        self.log.info("%s is %s; waiting", what, state)
+        return Wait(kind, f"{what} {state}", {"cluster": self.name, "region": self.cfg.region,
+                                               "aws_conn_id": self.cfg.credential.airflow_conn_id,
+                                               "timeout": self.wait_seconds, **args})
 
     def _describe_cluster(self) -> dict[str, Any] | None:
         try:
@@ -268,32 +359,12 @@ class EKSProvisioner:
                 return []
             raise
 
-    def _wait_cluster(self, status: str) -> dict[str, Any]:
-        return self._wait(self._describe_cluster, status, f"EKS cluster {self.name}")
+    def exists(self) -> bool:
+        return self._describe_cluster() is not None
 
-    def _wait_nodegroup(self, name: str, status: str) -> dict[str, Any]:
-        return self._wait(lambda: self._describe_nodegroup(name), status,
-                          f"EKS node group {self.name}/{name}")
-
-    def _wait(self, describe: Callable[[], dict | None], status: str, what: str) -> dict:
-        deadline = time.monotonic() + self.wait_seconds
-        while True:
-            found = describe()
-            state = (found or {}).get("status", "gone")
-            if state == status:
-                return found
-            if state in ("FAILED", "CREATE_FAILED", "DELETE_FAILED", "DEGRADED", "gone"):
-                issues = (found or {}).get("health", {}).get("issues") or []
-                detail = "; ".join(f"{i.get('code')}: {i.get('message')}" for i in issues)
-                raise EKSError(f"{what} is {state}" + (f": {detail}" if detail else ""))
-            if time.monotonic() > deadline:
-                raise EKSError(f"{what} still {state} after {self.wait_seconds:g}s")
-            self.log.info("%s is %s; waiting for %s", what, state, status)
-            self.sleep(self.poll_seconds)
-
-    def _wait_gone(self, describe: Callable[[], Any], what: str) -> None:
-        deadline = time.monotonic() + self.wait_seconds
-        while describe() is not None:
-            if time.monotonic() > deadline:
-                raise EKSError(f"{what} still present after {self.wait_seconds:g}s")
-            self.sleep(self.poll_seconds)
+    def endpoint(self) -> tuple[str, str]:
+        """The cluster's API endpoint and its CA (base64 PEM), for a token kubeconfig."""
+        cluster = self._describe_cluster()
+        if cluster is None:
+            raise EKSError(f"EKS cluster {self.name} does not exist in {self.cfg.region}")
+        return cluster["endpoint"], (cluster.get("certificateAuthority") or {}).get("data", "")
