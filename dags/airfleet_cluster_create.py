@@ -18,6 +18,7 @@ from airflow.sdk import dag
 
 from airfleet_airflow import flow
 from airfleet_airflow.operators import (
+    CleanupFailedRunOperator,
     CloudReconcileOperator,
     DetectAcceleratorsOperator,
     WaitReadyOperator,
@@ -39,10 +40,7 @@ def airfleet_cluster_create():
         flow.backend_step.override(task_id="apply")(lease, "apply"),
         WaitReadyOperator(task_id="wait_ready", lease=lease),
         flow.finish.override(task_id="running")(lease, "Running", "Created"),
-        # Runs only when a step failed; it finds the lease in XCom (a direct XComArg would make
-        # it a direct downstream of the lease setup, which Airflow allows only on all_success).
-        CloudReconcileOperator(task_id="cleanup_on_failure", lease=None,
-                               verb="cleanup_failed_run", trigger_rule="one_failed"),
+        CleanupFailedRunOperator(task_id="cleanup_on_failure"),
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import logging
 import os
@@ -333,11 +334,18 @@ def _require_rsa(key: object, path: Path) -> rsa.RSAPublicKey | rsa.RSAPrivateKe
 def _load_private(path: Path) -> rsa.RSAPrivateKey:
     data = _read_key_file(path, "private key")
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = _parse_private(data)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise VaultError(f"cannot read the vault private key at {path}: not an unencrypted "
                          "PKCS#8 PEM private key") from None
     return _require_rsa(key, path)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_private(pem: bytes):
+    # Loading checks the RSA-4096 key's consistency, about 0.5 s; every task that opens a
+    # secret loads it. Keyed by the file's bytes, a rotated key is parsed (and checked) anew.
+    return serialization.load_pem_private_key(pem, password=None)
 
 
 def _read_key_file(path: Path, what: str) -> bytes:

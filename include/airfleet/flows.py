@@ -214,12 +214,15 @@ def fail(store: Store, lease: LeaseRef, reason: str, message: str) -> ClusterRec
     return _set_phase(store, lease, Phase.FAILED, reason, message)
 
 
-def note_cleanup(store: Store, lease: LeaseRef, note: str) -> ClusterRecord:
-    """After a failed create: what the cleanup removed, or kept, joins the Failed message."""
+def note_cleanup(store: Store, lease: LeaseRef, note: str,
+                 removed: list[str]) -> ClusterRecord:
+    """After a failed create: what the cleanup removed (it leaves ``status.resources``), or
+    kept, joins the Failed message."""
     status = store.require_cluster(lease.name).cluster.status
     store.record_event(lease.name, "CleanupAfterFailure", note, run_id=lease.holder,
                        kind="Normal", token=lease.token)
-    return _update_status(store, lease, message=f"{status.message}; {note}")
+    return _update_status(store, lease, message=f"{status.message}; {note}",
+                          resources=[r for r in status.resources if r.name not in removed])
 
 
 def created_by_run(store: Store, lease: LeaseRef) -> list[str]:
@@ -328,12 +331,15 @@ def _context(store: Store, lease: LeaseRef, clients: Mapping[str, Any]) -> Backe
                            token=lease.token)
 
     def record_resource(what: str, created: bool) -> None:
+        # A create means it did not exist: this run is its creator, whatever was recorded
+        # before (a resource an earlier cleanup removed). Found again: nothing new.
         status = store.require_cluster(lease.name).cluster.status
-        if any(r.name == what for r in status.resources):
+        if not created and any(r.name == what for r in status.resources):
             return
         entry = CloudResource(name=what, created_by=lease.holder if created else None,
                               observed_at=now())
-        _update_status(store, lease, resources=[*status.resources, entry])
+        others = [r for r in status.resources if r.name != what]
+        _update_status(store, lease, resources=[*others, entry])
         record_event("ResourceCreated" if created else "ResourceAdopted", what, "Normal")
 
     def store_kubeconfig(kubeconfig: bytes) -> None:

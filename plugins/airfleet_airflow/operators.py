@@ -159,7 +159,7 @@ class WaitReadyOperator(_FlowOperator):
 
 class CloudReconcileOperator(_FlowOperator):
     """Drive a reconcile verb of the backend to its end: ``provision`` (create), ``scale``
-    (update), ``deprovision`` (delete) or ``cleanup_failed_run``.
+    (update) or ``deprovision`` (delete).
 
     Each pass looks at what exists, makes what is missing and returns what is still in
     progress (an EKS cluster CREATING, an Azure operation); this task then defers to the
@@ -168,11 +168,6 @@ class CloudReconcileOperator(_FlowOperator):
     deferral. A wait that fails (a node group CREATE_FAILED, an AKS operation Failed) fails
     the task, and the cluster, with the cloud's own message.
 
-    ``cleanup_failed_run`` runs only when a step of the run failed (``trigger_rule``
-    ``one_failed``): it removes the cloud resources this run created (never adopted ones)
-    when the spec's ``delete_on_failure`` allows, and records what was removed or what
-    remains.
-
     :param lease: the flow's lease (the ``acquire_lease`` XCom); None: pulled from XCom when
         the task runs (for a task that must not depend on the lease setup directly).
     :param verb: the backend verb.
@@ -180,7 +175,7 @@ class CloudReconcileOperator(_FlowOperator):
         ``AIRFLEET_CLOUD_POLL_SECONDS``, 30).
     """
 
-    MAX_PASSES = 100  # a guard: a pass that never converges ends here, not in a loop
+    MAX_PASSES = 100  # a guard: passes that never converge end here, not in a loop
 
     def __init__(self, *, lease: Any, verb: str, poll_interval: float | None = None,
                  **kwargs: Any) -> None:
@@ -210,6 +205,7 @@ class CloudReconcileOperator(_FlowOperator):
 
     def _pass(self, passes: int) -> None:
         from airfleet import config
+        from airfleet_airflow.triggers import cloud_wait_trigger
 
         if passes > self.MAX_PASSES:
             self._fail(f"{self.verb} did not converge in {self.MAX_PASSES} passes")
@@ -217,44 +213,18 @@ class CloudReconcileOperator(_FlowOperator):
         if wait is None:
             self._done()
             return
-        from airfleet_airflow.triggers import cloud_wait_trigger
-
         wait = wait.to_dict()
-
         poll = config.cloud_poll_seconds() if self.poll_interval is None else self.poll_interval
         timeout = float(wait["args"].get("timeout", 3600))
         self.log.info("%s; waiting up to %.0fs in the triggerer", wait["what"], timeout)
         self.defer(trigger=cloud_wait_trigger(wait, poll), method_name="execute_complete",
                    kwargs={"passes": passes}, timeout=timedelta(seconds=timeout) + DEFER_MARGIN)
 
-    def _created(self) -> list[str]:
-        """What this run created, as the store recorded it (the cleanup's input)."""
-        from airfleet import flows
-        from airfleet.store import Store
-
-        return flows.created_by_run(Store(), flows.LeaseRef.from_dict(self.lease))
-
     def _verb_kwargs(self) -> dict[str, Any]:
-        if self.verb != "cleanup_failed_run":
-            return {}
-        created = self._created()
-        self.log.info("this run created: %s", ", ".join(created) or "nothing")
-        return {"created": created}
+        return {}
 
     def _done(self) -> None:
-        if self.verb != "cleanup_failed_run" or not (created := self._created()):
-            return
-        from airfleet import flows
-        from airfleet.store import Store
-
-        store, ref = Store(), flows.LeaseRef.from_dict(self.lease)
-        if store.require_cluster(ref.name).cluster.spec.block.delete_on_failure:
-            note = "removed what this run created: " + ", ".join(created)
-        else:
-            note = ("kept what this run created (delete_on_failure is false): "
-                    + ", ".join(created) + "; remove it with airfleet_cluster_delete")
-        self.log.info("%s", note)
-        flows.note_cleanup(store, ref, note)
+        """After the last pass."""
 
     def _fail(self, message: str) -> None:
         from airflow.sdk.exceptions import AirflowFailException
@@ -265,3 +235,47 @@ class CloudReconcileOperator(_FlowOperator):
         flows.fail(Store(), flows.LeaseRef.from_dict(self.lease),
                    f"{self.verb.title().replace('_', '')}Failed", message)
         raise AirflowFailException(message)
+
+
+class CleanupFailedRunOperator(CloudReconcileOperator):
+    """When a step of the run failed: remove the cloud resources this run created (never the
+    ones it adopted) if the spec's ``delete_on_failure`` allows, and add to the cluster's
+    Failed message what was removed, or what remains. A no-op when the run created nothing.
+
+    It runs only when a step failed (``one_failed``) and finds the lease in XCom: a direct
+    XComArg would make it a direct downstream of the lease setup, which Airflow allows only
+    with ``all_success``.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("trigger_rule", "one_failed")
+        super().__init__(lease=None, verb="cleanup_failed_run", **kwargs)
+
+    def _created(self) -> list[str]:
+        """What this run created, as the store recorded it the moment each came to exist."""
+        from airfleet import flows
+        from airfleet.store import Store
+
+        return flows.created_by_run(Store(), flows.LeaseRef.from_dict(self.lease))
+
+    def _verb_kwargs(self) -> dict[str, Any]:
+        created = self._created()
+        self.log.info("this run created: %s", ", ".join(created) or "nothing")
+        return {"created": created}
+
+    def _done(self) -> None:
+        from airfleet import flows
+        from airfleet.store import Store
+
+        created = self._created()
+        if not created:
+            return
+        store, ref = Store(), flows.LeaseRef.from_dict(self.lease)
+        removed = store.require_cluster(ref.name).cluster.spec.block.delete_on_failure
+        if removed:
+            note = "removed what this run created: " + ", ".join(created)
+        else:
+            note = ("kept what this run created (delete_on_failure is false): "
+                    + ", ".join(created) + "; remove them with airfleet_cluster_delete")
+        self.log.info("%s", note)
+        flows.note_cleanup(store, ref, note, removed=created if removed else [])

@@ -103,7 +103,21 @@ class ClusterReadyTrigger(BaseTrigger):
             await asyncio.sleep(min(self.poll_interval, max(0.0, self.deadline - time.time())))
 
 
-class EksWaitTrigger(BaseTrigger):
+class _CloudWaitTrigger(BaseTrigger):
+    """A wait on a backend's :class:`airfleet.backends.Wait` (as a dict: kind, what, args;
+    no secret in it), polling every ``poll_interval`` seconds."""
+
+    def __init__(self, wait: dict[str, Any], poll_interval: float = 30.0):
+        super().__init__()
+        self.wait = dict(wait)
+        self.poll_interval = poll_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}",
+                {"wait": self.wait, "poll_interval": self.poll_interval})
+
+
+class EksWaitTrigger(_CloudWaitTrigger):
     """Waits on the amazon provider's EKS waiters (aiobotocore) until a cluster or node group
     is ACTIVE or gone, then yields ``{"status": "success" | "failed", "what", "message"}``.
 
@@ -123,15 +137,6 @@ class EksWaitTrigger(BaseTrigger):
                                   ["nodegroup.status", "nodegroup.health.issues"],
                                   "EKS node group delete failed"),
     }
-
-    def __init__(self, wait: dict[str, Any], poll_interval: float = 30.0):
-        super().__init__()
-        self.wait = dict(wait)
-        self.poll_interval = poll_interval
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (f"{type(self).__module__}.{type(self).__qualname__}",
-                {"wait": self.wait, "poll_interval": self.poll_interval})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from airflow.providers.amazon.aws.hooks.eks import EksHook
@@ -154,7 +159,7 @@ class EksWaitTrigger(BaseTrigger):
         yield TriggerEvent({"status": "success", "what": what, "message": f"{what}: done"})
 
 
-class AksOperationTrigger(BaseTrigger):
+class AksOperationTrigger(_CloudWaitTrigger):
     """Follows an AKS long-running operation with the ``aio`` client until it ends, then
     yields ``{"status": "success" | "failed", "what", "message"}``; a Failed operation's
     message is Azure's own (code and message).
@@ -167,15 +172,6 @@ class AksOperationTrigger(BaseTrigger):
         subscription, resource group, names, token: no secret).
     :param poll_interval: seconds between polls.
     """
-
-    def __init__(self, wait: dict[str, Any], poll_interval: float = 30.0):
-        super().__init__()
-        self.wait = dict(wait)
-        self.poll_interval = poll_interval
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (f"{type(self).__module__}.{type(self).__qualname__}",
-                {"wait": self.wait, "poll_interval": self.poll_interval})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from azure.core.exceptions import HttpResponseError

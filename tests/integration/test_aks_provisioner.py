@@ -109,7 +109,7 @@ def test_create_from_nothing(arm, client):
     assert result.adopted == []
     cluster = fake_cluster(arm)
     props = cluster["properties"]
-    assert result.fqdn == props["fqdn"]
+    assert result.endpoint == props["fqdn"]
     assert cluster["tags"] == OURS
     assert not any(re.search(r"[<>%&\\?/]", key) for key in cluster["tags"])  # Azure's rule
     assert (cluster["name"], cluster["location"], cluster["identity"]) == (
@@ -149,7 +149,7 @@ def test_rerun_adopts_without_writing(arm, client, caplog):
     assert (result.created, calls) == ([], [])
     assert result.adopted == ["managedCluster llm-a", "agentPool llm-a/system",
                               "agentPool llm-a/gpu", "agentPool llm-a/cpu"]
-    assert result.fqdn == fake_cluster(arm)["properties"]["fqdn"]
+    assert result.endpoint == fake_cluster(arm)["properties"]["fqdn"]
     assert writes(arm) == []  # no PUT of the cluster or of any pool
     assert "not upgraded" in caplog.text  # a version change is reported, not applied
     assert fake_cluster(arm)["properties"]["kubernetesVersion"] == "1.33"

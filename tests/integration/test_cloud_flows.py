@@ -221,6 +221,7 @@ def test_eks_node_group_failure_removes_what_the_run_created(dags, clouds, capfd
     assert "removed what this run created: cluster llm-eks, nodegroup llm-eks/cpu, " \
            "nodegroup llm-eks/gpu" in status.message
     assert eks_state(eks) == {}  # the cluster and both node groups are gone
+    assert status.resources == []  # what was removed is no longer listed
     # Deleting the Airfleet cluster now: everything is already gone, which is success.
     dr = run(dags, "airfleet_cluster_delete", {"name": "llm-eks"})
     assert str(dr.state) == "success", states(dr)

@@ -15,8 +15,9 @@ from typing import Any
 
 import jsonschema
 import pytest
-from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema import FormatChecker
 from jsonschema.exceptions import best_match
+from jsonschema.validators import validator_for
 
 from airfleet.errors import InvalidRequest
 from airfleet.resources import (
@@ -34,7 +35,8 @@ SEALED = "afv1.0123456789abcdef.AAECAwQF-_8.bm9uY2Vub25jZQ.Y2lwaGVy_dGV4dA-"
 AKS_SUBSCRIPTION = "12345678-90ab-cdef-1234-567890abcdef"
 
 CLUSTER_SCHEMA = param_schemas(ClusterConf)["cluster"]
-SCHEMA_VALIDATOR = Draft202012Validator(CLUSTER_SCHEMA, format_checker=FormatChecker())
+# The validator jsonschema.validate picks for the schema (by its $schema), as Airflow's Param.
+SCHEMA_VALIDATOR = validator_for(CLUSTER_SCHEMA)(CLUSTER_SCHEMA, format_checker=FormatChecker())
 
 
 # ---- valid clusters ----------------------------------------------------------------------------
@@ -561,7 +563,7 @@ def test_param_schemas_are_self_contained_and_json(conf_model):
     assert set(schemas) == set(conf_model.model_fields)
     for schema in schemas.values():
         assert json.loads(json.dumps(schema)) == schema
-        Draft202012Validator.check_schema(schema)
+        validator_for(schema).check_schema(schema)
         found = refs(schema)
         for ref in found:
             assert ref.startswith("#/"), ref
@@ -579,8 +581,8 @@ def test_delete_and_health_check_schemas_have_defaults():
     assert "default" not in delete["name"]
     health = param_schemas(HealthCheckConf)
     assert "default" in health["names"] and health["names"]["default"] is None
-    Draft202012Validator(health["names"]).validate(None)
-    Draft202012Validator(health["names"]).validate(["llm-a", "k8s-prod"])
+    validator_for(health["names"])(health["names"]).validate(None)
+    validator_for(health["names"])(health["names"]).validate(["llm-a", "k8s-prod"])
     parsed = parse_conf(HealthCheckConf, {})
     assert parsed.names is None
     assert parse_conf(DeleteConf, {"name": "llm-a"}).force is False
@@ -599,7 +601,7 @@ def test_other_flow_confs_agree(conf_model, conf, field):
     assert any(names(p, field) for p in pydantic_error_paths(caught.value)), str(caught.value)
     key, _, rest = field.partition(".")
     schema = param_schemas(conf_model)[key]
-    error = best_match(Draft202012Validator(schema, format_checker=FormatChecker())
+    error = best_match(validator_for(schema)(schema, format_checker=FormatChecker())
                        .iter_errors(conf[key]))
     assert error is not None
     assert names(".".join(map(str, error.absolute_path)), rest), error.message

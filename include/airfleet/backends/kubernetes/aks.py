@@ -30,12 +30,9 @@ Never logged: the admin kubeconfig (:meth:`AKSProvisioner.admin_kubeconfig` only
 
 from __future__ import annotations
 
-import logging
 import re
-import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -44,6 +41,7 @@ from azure.mgmt.core.polling.arm_polling import ARMPolling
 
 from airfleet.backends import Wait
 from airfleet.backends.kubernetes.manifests import CLUSTER_LABEL, MANAGED_BY, MANAGED_BY_VALUE
+from airfleet.backends.kubernetes.provisioning import Provisioner
 from airfleet.errors import AirfleetError
 from airfleet.resources import AKSConfig, NodePool, Taint
 
@@ -69,7 +67,6 @@ OPERATION, SETTLED_KIND = "azure_operation", "aks_settled"
 WAIT_SECONDS = 3600.0  # AKS takes 5-15 minutes for a cluster, a few for a pool
 POLL_SECONDS = 15.0  # between GETs while waiting for an operation this run did not start
 
-_LOG = logging.getLogger(__name__)
 
 
 class AKSError(AirfleetError):
@@ -85,16 +82,6 @@ class AKSError(AirfleetError):
         super().__init__(message)
         self.code = code
         self.azure_message = azure_message
-
-
-@dataclass
-class ProvisionResult:
-    """What :meth:`AKSProvisioner.ensure` created and what it found and adopted, named as
-    ``on_created`` names them (``managedCluster <name>``, ``agentPool <name>/<pool>``)."""
-
-    created: list[str] = field(default_factory=list)
-    adopted: list[str] = field(default_factory=list)
-    fqdn: str | None = None
 
 
 def _taint(taint: Taint) -> str:
@@ -114,7 +101,7 @@ def provisioning_state(resource: Any) -> str:
     return _text(getattr(getattr(resource, "properties", None), "provisioning_state", None))
 
 
-class AKSProvisioner:
+class AKSProvisioner(Provisioner):
     """Create or adopt, converge, and delete one AKS cluster of Airfleet's, in reconcile passes.
 
     Each pass (:meth:`reconcile`, :meth:`teardown_step`) issues at most one write (AKS refuses
@@ -135,18 +122,11 @@ class AKSProvisioner:
         started (operations of this run are followed by the client's poller).
     """
 
-    def __init__(self, client: Any, cfg: AKSConfig, cluster_name: str, *,
-                 log: logging.Logger = _LOG,
-                 on_created: Callable[[str], None] = lambda what: None,
-                 on_adopted: Callable[[str], None] = lambda what: None,
-                 wait_seconds: float = WAIT_SECONDS, poll_seconds: float = POLL_SECONDS,
-                 sleep: Callable[[float], None] = time.sleep):
-        self.client, self.cfg, self.name = client, cfg, cluster_name
+    WAIT_SECONDS, POLL_SECONDS, error = WAIT_SECONDS, POLL_SECONDS, AKSError
+
+    def __init__(self, client: Any, cfg: AKSConfig, cluster_name: str, **kwargs: Any):
+        super().__init__(client, cfg, cluster_name, **kwargs)
         self.rg = cfg.resource_group
-        self.log = log
-        self.on_created, self.on_adopted = on_created, on_adopted
-        self.wait_seconds, self.poll_seconds, self.sleep = wait_seconds, poll_seconds, sleep
-        self.changes: list[str] = []  # what the passes changed, for the update flow's log
 
     @property
     def tags(self) -> dict[str, str]:
@@ -224,63 +204,17 @@ class AKSProvisioner:
         self.log.info("AKS cluster %s: deleting", self.name)
         return self._start("managed_clusters.begin_delete", f"AKS cluster {self.name}: delete")
 
-    # ---- in-process loops (library use, tests) ------------------------------------------------
+    # ---- in-process waits ---------------------------------------------------------------------
 
-    def ensure(self) -> ProvisionResult:
-        """The cluster and every pool of the spec, Succeeded, waiting in-process. Pools the
-        spec does not list are left alone (:meth:`scale` removes them)."""
-        result = ProvisionResult()
-        created, adopted = self.on_created, self.on_adopted
-
-        def note_created(what: str) -> None:
-            result.created.append(what)
-            created(what)
-
-        def note_adopted(what: str) -> None:
-            if what not in result.created and what not in result.adopted:
-                result.adopted.append(what)
-            adopted(what)
-
-        self.on_created, self.on_adopted = note_created, note_adopted
-        try:
-            self._loop(self.reconcile)
-        finally:
-            self.on_created, self.on_adopted = created, adopted
-        result.fqdn = self._get_cluster().properties.fqdn
-        return result
-
-    def scale(self) -> list[str]:
-        """Pools to the spec, waiting in-process: converge the listed ones (count, bounds,
-        autoscaling, labels, taints, mode), create the missing, delete the ones the spec
-        dropped that carry our tags. Returns what changed, e.g.
-        ``"agentPool llm-a/gpu updated: maxCount 3 -> 5"``."""
-        self.changes = []
-        self._loop(lambda: self.reconcile(create=False, prune=True))
-        return self.changes
-
-    def teardown(self, *, only: Collection[str] | None = None) -> list[str]:
-        """Delete the User pools, then the cluster, waiting in-process; "already gone" is
-        success. Returns what is left (empty when clean); the reason is logged."""
-        try:
-            self._loop(lambda: self.teardown_step(only))
-        except AKSError as exc:
-            if "is not Airfleet's" in str(exc):
-                raise
-            left = self._leftovers(only)
-            self.log.error("AKS cluster %s: teardown incomplete (%s); left: %s; manual cleanup "
-                           "may be required", self.name, exc, ", ".join(left) or "nothing")
-            return left
-        return []
-
-    def _loop(self, step: Callable[[], Wait | None]) -> None:
-        deadline = time.monotonic() + self.wait_seconds
-        while (wait := step()) is not None:
-            if wait.kind == OPERATION:
-                self._follow(resume_operation(self.client, wait.args), wait.what)
-                continue
-            if time.monotonic() > deadline:
-                raise AKSError(f"{wait.what} after {self.wait_seconds:g}s")
+    def _wait_inline(self, wait: Wait) -> None:
+        if wait.kind == OPERATION:
+            self._follow(resume_operation(self.client, wait.args), wait.what)
+        else:
             self.sleep(self.poll_seconds)
+
+    def endpoint(self) -> tuple[str | None, None]:
+        cluster = self._get_cluster()
+        return (cluster.properties.fqdn if cluster else None), None
 
     def _follow(self, poller: Any, what: str) -> Any:
         """The poller's result; an operation that ended Failed/Canceled is an AKSError with

@@ -20,18 +20,16 @@ failing the way ``EksCreateClusterOperator`` does once the cluster exists:
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from collections.abc import Collection
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from airfleet.backends import Wait
 from airfleet.backends.kubernetes.manifests import CLUSTER_LABEL, MANAGED_BY, MANAGED_BY_VALUE
+from airfleet.backends.kubernetes.provisioning import Provisioner
 from airfleet.errors import AirfleetError
-from airfleet.resources import EKSConfig, NodePool
+from airfleet.resources import NodePool
 
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NO_SCHEDULE"}
 GPU_LABEL = {"nvidia.com/gpu.present": "true"}
@@ -53,14 +51,6 @@ class EKSError(AirfleetError):
     """EKS refused a request or a resource ended in a failed state; the message says which."""
 
 
-@dataclass
-class ProvisionResult:
-    created: list[str] = field(default_factory=list)
-    adopted: list[str] = field(default_factory=list)
-    endpoint: str | None = None
-    ca_data: str | None = None
-
-
 def _code(exc: ClientError) -> str:
     return exc.response.get("Error", {}).get("Code", "")
 
@@ -70,18 +60,10 @@ def _issues(resource: dict[str, Any]) -> str:
     return "; ".join(f"{i.get('code')}: {i.get('message')}" for i in issues)
 
 
-class EKSProvisioner:
-    def __init__(self, client: Any, cfg: EKSConfig, cluster_name: str, *,
-                 log: logging.Logger | None = None,
-                 on_created: Callable[[str], None] = lambda what: None,
-                 on_adopted: Callable[[str], None] = lambda what: None,
-                 poll_seconds: float = POLL_SECONDS, wait_seconds: float = WAIT_SECONDS,
-                 sleep: Callable[[float], None] = time.sleep):
-        self.client, self.cfg, self.name = client, cfg, cluster_name
-        self.log = log or logging.getLogger(__name__)
-        self.on_created, self.on_adopted = on_created, on_adopted
-        self.poll_seconds, self.wait_seconds, self.sleep = poll_seconds, wait_seconds, sleep
-        self.changes: list[str] = []  # what the passes changed, for the update flow's log
+class EKSProvisioner(Provisioner):
+    """An EKS cluster and its node groups (see :class:`.provisioning.Provisioner`)."""
+
+    WAIT_SECONDS, POLL_SECONDS, error = WAIT_SECONDS, POLL_SECONDS, EKSError
 
     @property
     def tags(self) -> dict[str, str]:
@@ -178,57 +160,6 @@ class EKSProvisioner:
                     return None
                 raise EKSError(f"EKS cluster {self.name}: delete refused: {exc}") from None
         return self._wait(CLUSTER_DELETED, f"EKS cluster {self.name}", "DELETING")
-
-    # ---- in-process loops (library use, tests) ------------------------------------------------
-
-    def ensure(self) -> ProvisionResult:
-        """The cluster and every node group of the spec, ACTIVE, waiting in-process."""
-        result = ProvisionResult()
-        created, adopted = self.on_created, self.on_adopted
-
-        def note_created(what: str) -> None:
-            result.created.append(what)
-            created(what)
-
-        def note_adopted(what: str) -> None:
-            if what not in result.created and what not in result.adopted:
-                result.adopted.append(what)
-            adopted(what)
-
-        self.on_created, self.on_adopted = note_created, note_adopted
-        try:
-            self._loop(self.reconcile)
-        finally:
-            self.on_created, self.on_adopted = created, adopted
-        cluster = self._describe_cluster() or {}
-        result.endpoint = cluster.get("endpoint")
-        result.ca_data = (cluster.get("certificateAuthority") or {}).get("data")
-        return result
-
-    def scale(self) -> list[str]:
-        """Node groups to the spec (converge, create the missing, delete the ones of ours the
-        spec dropped), waiting in-process. Returns what changed."""
-        self.changes = []
-        self._loop(lambda: self.reconcile(create=False, prune=True))
-        return self.changes
-
-    def teardown(self, only: Collection[str] | None = None) -> list[str]:
-        """Delete the node groups, then the cluster, waiting in-process. Returns what is left
-        (empty when clean)."""
-        try:
-            self._loop(lambda: self.teardown_step(only))
-        except EKSError as exc:
-            if "is not Airfleet's" in str(exc):
-                raise
-            return [str(exc)]
-        return []
-
-    def _loop(self, step: Callable[[], Wait | None]) -> None:
-        deadline = time.monotonic() + self.wait_seconds
-        while (wait := step()) is not None:
-            if time.monotonic() > deadline:
-                raise EKSError(f"{wait.what} still in progress after {self.wait_seconds:g}s")
-            self.sleep(self.poll_seconds)
 
     # ---- writes -----------------------------------------------------------------------------
 
@@ -368,3 +299,9 @@ class EKSProvisioner:
         if cluster is None:
             raise EKSError(f"EKS cluster {self.name} does not exist in {self.cfg.region}")
         return cluster["endpoint"], (cluster.get("certificateAuthority") or {}).get("data", "")
+
+    def _leftovers(self, only: Collection[str] | None) -> list[str]:
+        if not self.exists():
+            return []
+        present = [self.pool_what(n) for n in self._nodegroups()] + [self.cluster_what]
+        return [w for w in present if only is None or w in only]
