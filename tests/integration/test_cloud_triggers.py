@@ -145,7 +145,8 @@ def test_aks_trigger_waits_for_an_operation_somebody_else_started(arm):
 def test_eks_kubeconfig_carries_a_token_signed_for_the_cluster(eks):
     from airfleet_airflow.clients import _eks_kubeconfig
 
-    EKSProvisioner(eks, EKSConfig.model_validate({**EKS, "node_pools": []}), "c1").ensure()
+    EKSProvisioner(eks, EKSConfig.model_validate({**EKS, "node_pools": []}), "c1",
+                   poll_seconds=0.01).ensure()
     cluster = Cluster.model_validate({"metadata": {"name": "c1"}, "spec": {
         "type": "kubernetes", "provider": "eks", "config": {"eks": EKS}}})
     config = _eks_kubeconfig(cluster)
