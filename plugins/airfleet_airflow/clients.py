@@ -113,8 +113,12 @@ def _eks_kubeconfig(cluster: Cluster) -> dict[str, Any]:
     cfg = cluster.spec.config.eks
     hook = _eks_hook(cluster)
     server, ca_data = EKSProvisioner(hook.conn, cfg, cluster.name).endpoint()
+    # EKS accepts the token only when it is signed for the regional STS endpoint.
     sts = StsHook(aws_conn_id=cfg.credential.airflow_conn_id, region_name=cfg.region)
-    sts_url = f"{sts.conn.meta.endpoint_url}/?Action=GetCallerIdentity&Version=2011-06-15"
+    endpoint = sts.conn.meta.endpoint_url
+    if endpoint == "https://sts.amazonaws.com":
+        endpoint = f"https://sts.{cfg.region}.amazonaws.com"
+    sts_url = f"{endpoint}/?Action=GetCallerIdentity&Version=2011-06-15"
     token = fetch_access_token_for_cluster(cluster.name, sts_url, cfg.region,
                                            session=hook.get_session())
     return _token_kubeconfig(cluster.name, server, ca_data, token)

@@ -106,8 +106,7 @@ class Backend:
         :meth:`provision`); None where the type has no pools of its own."""
         return None
 
-    def deprovision(self, cluster: Cluster, ctx: BackendContext, *,
-                    force: bool = False) -> Wait | None:
+    def deprovision(self, cluster: Cluster, ctx: BackendContext) -> Wait | None:
         """Delete flow, after :meth:`teardown`: one pass removing the infrastructure
         :meth:`provision` made (as :meth:`provision`); "already gone" is done."""
         return None

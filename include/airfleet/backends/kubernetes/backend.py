@@ -174,8 +174,7 @@ class KubernetesBackend(Backend):
             ctx.progress(f"scaling: waiting for {wait.what}")
         return wait
 
-    def deprovision(self, cluster: Cluster, ctx: BackendContext, *,
-                    force: bool = False) -> Wait | None:
+    def deprovision(self, cluster: Cluster, ctx: BackendContext) -> Wait | None:
         """Node pools, then the managed cluster; "already gone" is done."""
         provisioner = self._provisioner(cluster, ctx)
         if provisioner is None:
