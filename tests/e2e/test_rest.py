@@ -132,11 +132,25 @@ def dags_parsed(client):
     pytest.fail(f"DAGs not parsed: {[d.dag_id for d in dags]}")
 
 
-def _trigger(client, dag_id: str, conf: dict):
-    import airflow_client.client as af
+def _trigger(client, dag_id: str, conf: dict, attempts: int = 3):
+    """Trigger a run as a REST client should on SQLite: retry Airflow's "Database error".
 
-    return af.DagRunApi(client).trigger_dag_run(
-        dag_id, af.TriggerDAGRunPostBody(logical_date=None, conf=conf))
+    Airflow's api-server commits its audit-log row from an async dependency, on the event loop,
+    before the endpoint runs. When a task start (a sync execution-API request) holds SQLite's
+    write lock and waits for that loop to commit it, the audit-log insert times out after 5 s
+    and the request fails with 500 before anything was created, so a retry is safe. Only
+    SQLite's single writer does this; PostgreSQL does not.
+    """
+    import airflow_client.client as af
+    from airflow_client.client.exceptions import ServiceException
+
+    for attempt in range(attempts):
+        try:
+            return af.DagRunApi(client).trigger_dag_run(
+                dag_id, af.TriggerDAGRunPostBody(logical_date=None, conf=conf))
+        except ServiceException as err:
+            if '"Database error"' not in (err.body or "") or attempt == attempts - 1:
+                raise
 
 
 def _wait_run(client, dag_id: str, run_id: str, timeout: float = 300) -> str:
