@@ -10,6 +10,9 @@ metrics, model caches) -> wait until ready (kubernetes: the Deployments Availabl
 moves to the triggerer) -> Running. Re-running converges: what exists is adopted. When a step
 fails, `cleanup_on_failure` removes the cloud resources this run created (eks/aks, unless
 `delete_on_failure` is false; never what it adopted).
+
+`"dry_run": true` in the conf: the actions and the policies' decisions are reported by
+`validate`, and nothing else runs.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from airfleet_airflow.operators import (
 def airfleet_cluster_create():
     checked = flow.validate("create")
     lease = flow.acquire_lease(checked)
+    approved = flow.policy_precheck(checked)
     flow.guarded(
         lease,
-        flow.policy_precheck(checked, "create_cluster"),
-        flow.register(checked, lease),
+        approved,
+        flow.register(approved, lease),
         flow.begin.override(task_id="provisioning")(lease, "Provisioning", "Create"),
         CloudReconcileOperator(task_id="provision", lease=lease, verb="provision"),
         DetectAcceleratorsOperator(task_id="detect_accelerators", lease=lease),

@@ -7,6 +7,9 @@ validate -> lease -> policy `delete_cluster` -> Deleting -> tear down (ssh: work
 head, then a check that nothing is left; kubernetes: the namespace) -> deprovision (eks/aks:
 the node pools, then the managed cluster; each wait in the triggerer) -> Deleted. A cluster that is not registered is already gone: the run succeeds and
 changes nothing.
+
+`"dry_run": true` in the conf: the actions and the policies' decisions are reported by
+`validate`, and nothing else runs.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from airfleet_airflow.operators import CloudReconcileOperator
 def airfleet_cluster_delete():
     checked = flow.validate("delete")
     lease = flow.acquire_lease(checked)
+    approved = flow.policy_precheck(checked)
     flow.guarded(
         lease,
         flow.is_registered(lease),
-        flow.policy_precheck(checked, "delete_cluster"),
+        approved,
         flow.begin.override(task_id="deleting")(lease, "Deleting", "Delete"),
         flow.teardown(checked, lease),
         CloudReconcileOperator(task_id="deprovision", lease=lease, verb="deprovision"),

@@ -8,6 +8,9 @@ validate -> lease -> policy `onboard_cluster` -> register (sealed credentials in
 -> discover it read-only (nodes, health; kubernetes: access and permissions) -> detect
 accelerators -> install only what is missing (kubernetes: namespace, router, metrics, ...) ->
 wait until ready -> Running. Nothing that runs is restarted or changed.
+
+`"dry_run": true` in the conf: the actions and the policies' decisions are reported by
+`validate`, and nothing else runs.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from airfleet_airflow.operators import DetectAcceleratorsOperator, WaitReadyOper
 def airfleet_cluster_onboard():
     checked = flow.validate("onboard")
     lease = flow.acquire_lease(checked)
+    approved = flow.policy_precheck(checked)
     flow.guarded(
         lease,
-        flow.policy_precheck(checked, "onboard_cluster"),
-        flow.register(checked, lease),
+        approved,
+        flow.register(approved, lease),
         flow.backend_step.override(task_id="discover")(lease, "query"),
         DetectAcceleratorsOperator(task_id="detect_accelerators", lease=lease),
         flow.backend_step.override(task_id="install_missing")(lease, "install_missing"),

@@ -1,4 +1,5 @@
-"""``airfleet``: the operator's command line for the store, the vault, clusters and leases.
+"""``airfleet``: the operator's command line for the store, the vault, clusters, leases and
+policies.
 
 Data goes to stdout (``-o json`` where output is data), errors to stderr with exit code 1
 (2 for a malformed command line).
@@ -152,6 +153,141 @@ def _lease_break(args) -> None:
               "broken; its further writes will be refused")
 
 
+def _policies_list(args) -> None:
+    from airfleet import policy
+    from airfleet.store import Store
+
+    bound: dict[str, list[str]] = {}
+    for b in Store().bindings(every_scope=True):
+        bound.setdefault(b.policy, []).append(f"{b.action}@{b.cluster or '*'}")
+    rows = [{"name": name, "version": policy.source_version(
+                policy.policy_path(name).read_text()),
+             "bound": ", ".join(bound.get(name, [])),
+             "summary": _summary(policy.policy_path(name))} for name in policy.available()]
+    _emit(args, rows, ["name", "version", "bound", "summary"])
+
+
+def _summary(path: Path) -> str:
+    import ast
+
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _policies_show(args) -> None:
+    from airfleet import policy
+    from airfleet.store import Store
+
+    path = policy.policy_path(args.name)
+    if not path.is_file():
+        raise AirfleetError(f"no policy {args.name!r} in {path.parent} (policies there: "
+                            f"{', '.join(policy.available()) or 'none'})")
+    source = path.read_text()
+    bindings = [b.to_dict() for b in Store().bindings(every_scope=True)
+                if b.policy == args.name]
+    print(json.dumps({"name": args.name, "path": str(path),
+                      "version": policy.source_version(source), "bindings": bindings,
+                      "source": source}, indent=2))
+
+
+def _policies_test(args) -> None:
+    """Evaluate a policy on a request (JSON file or stdin) as a binding would; exit 3 when it
+    denies."""
+    from airfleet import policy
+
+    text = Path(args.request).read_text() if args.request != "-" else sys.stdin.read()
+    try:
+        request = json.loads(text)
+    except ValueError as exc:
+        raise AirfleetError(f"--request: not JSON ({exc})") from None
+    if not isinstance(request, dict) or "input" not in request:
+        raise AirfleetError("--request: a policy request is an object with at least "
+                            "\"input\" (see policies/README.md)")
+    action = args.action or request.get("action")
+    binding = policy.check_binding(_binding(args, action, args.name, None))
+    request = {**request, "action": action}
+    decision = policy.decide([binding], action, request)[0]
+    print(json.dumps(decision.to_dict(), indent=2))
+    return 0 if decision.allowed else 3
+
+
+def _policies_bind(args) -> None:
+    from airfleet import policy
+    from airfleet.store import Store
+
+    changes: dict[str, list] = {}
+    for item in args.bindings:
+        action, sep, names = item.partition("=")
+        if not sep:
+            raise AirfleetError(f"{item!r}: write ACTION=POLICY[@VERSION][,POLICY...] "
+                                "(ACTION= with nothing after it removes the binding)")
+        if action in changes:
+            raise AirfleetError(f"{action}: given twice; name all its policies at once, "
+                                "comma-separated")
+        changes[action] = []
+        for spec in filter(None, names.split(",")):
+            name, _, version = spec.partition("@")
+            changes[action].append(policy.check_binding(
+                _binding(args, action, name, version or None)))
+        if not names and action not in policy.ACTIONS:
+            raise AirfleetError(f"unknown action {action!r}; actions are "
+                                f"{', '.join(policy.ACTIONS)}")
+    store = Store()
+    if args.cluster and store.get_cluster(args.cluster) is None:
+        raise AirfleetError(f"--cluster: cluster {args.cluster} is not registered")
+    store.set_bindings(changes, cluster=args.cluster, actor=_actor())
+    scope = f"cluster {args.cluster}" if args.cluster else "every cluster"
+    for action, bound in changes.items():
+        what = ", ".join(b.policy for b in bound) or "nothing (unbound)"
+        print(f"{action} on {scope}: {what}")
+
+
+def _binding(args, action: str, name: str, version: str | None):
+    from airfleet.policy import Binding
+
+    return Binding(action=action, policy=name, cluster=getattr(args, "cluster", None),
+                   version=version, mode=args.mode, timeout_seconds=args.timeout,
+                   memory_mb=args.memory_mb, url=args.url, fail_open=args.fail_open,
+                   params=dict(_param(p) for p in args.param))
+
+
+def _param(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise AirfleetError(f"--param {text!r}: write KEY=VALUE (VALUE as JSON or text)")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _policies_bindings(args) -> None:
+    from airfleet.store import Store
+
+    bindings = Store().bindings(args.cluster, every_scope=args.all)
+    rows = [{**b.to_dict(), "cluster": b.cluster or "*",
+             "params": json.dumps(b.params) if b.params else ""} for b in bindings]
+    _emit(args, rows, ["cluster", "action", "policy", "version", "mode", "timeout_seconds",
+                       "params"])
+
+
+def _policies_audit(args) -> None:
+    from airfleet.store import Store
+
+    rows = Store().policy_audit(args.cluster, limit=args.limit)
+    _emit(args, rows, ["at", "kind", "cluster", "action", "policy", "allowed", "run_id",
+                       "actor", "reason"])
+
+
 # ---- plumbing -----------------------------------------------------------------------------
 
 def _keys(args) -> Path:
@@ -230,6 +366,43 @@ def _parser() -> argparse.ArgumentParser:
     command(lease, "show", _lease_show, "who holds a cluster's lease", output=True) \
         .add_argument("name")
     command(lease, "break", _lease_break, "free a lease whose run is gone").add_argument("name")
+
+    policies = verbs.add_parser("policies", help="governance policies and their bindings") \
+        .add_subparsers(required=True, metavar="VERB")
+    command(policies, "list", _policies_list, "the policies in the policies folder",
+            output=True)
+    command(policies, "show", _policies_show, "a policy's version, bindings and source") \
+        .add_argument("name")
+    test = command(policies, "test", _policies_test,
+                   "evaluate a policy on a request as a binding would (exit 3: denied)")
+    test.add_argument("name")
+    test.add_argument("--request", required=True, help="a request JSON file, - for stdin")
+    test.add_argument("--action", help="the action (default: the request's)")
+    bind = command(policies, "bind", _policies_bind,
+                   "set bindings: each ACTION given gets exactly these policies "
+                   "(ACTION= unbinds); actions not given keep theirs")
+    bind.add_argument("bindings", nargs="+", metavar="ACTION=POLICY[@VERSION][,POLICY...]")
+    bind.add_argument("--cluster", help="bind for this cluster only (it wins over the global "
+                                        "bindings of the action)")
+    for sub in (test, bind):
+        sub.add_argument("--mode", choices=["subprocess", "local", "http"],
+                         default="subprocess")
+        sub.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+        sub.add_argument("--memory-mb", type=int, default=512,
+                         help="subprocess mode: address-space limit (default 512)")
+        sub.add_argument("--url", help="http mode: the policy server's URL")
+        sub.add_argument("--fail-open", action="store_true",
+                         help="http mode: allow when the server does not answer")
+        sub.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                         help="a policy parameter (VALUE as JSON, else text); repeatable")
+    shown = command(policies, "bindings", _policies_bindings, "the bindings of a scope",
+                    output=True)
+    shown.add_argument("--cluster", help="this cluster's bindings (default: the global ones)")
+    shown.add_argument("--all", action="store_true", help="every scope")
+    audit = command(policies, "audit", _policies_audit,
+                    "the audit trail: binding changes and decisions", output=True)
+    audit.add_argument("--cluster")
+    audit.add_argument("--limit", type=int, default=100)
     return parser
 
 

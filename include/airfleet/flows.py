@@ -17,20 +17,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from airfleet import config, lifecycle
+from pydantic import ValidationError
+
+from airfleet import config, lifecycle, policy
 from airfleet.backends import BackendContext, Observation, get_backend
 from airfleet.errors import ClusterUnhealthy, Conflict, InvalidRequest
+from airfleet.policy import plan
 from airfleet.resources import (
     FLOW_CONF,
     CloudResource,
     Cluster,
     ClusterRequest,
-    ClusterSpec,
     NodeStatus,
     Phase,
-    Provider,
+    format_errors,
     parse_conf,
 )
 from airfleet.store import ClusterRecord, Store, now
@@ -61,17 +64,21 @@ class LeaseRef:
 # ---- validate (read-only) ----------------------------------------------------------------
 
 def validate(action: str, conf: dict[str, Any], store: Store | None = None) -> dict[str, Any]:
-    """Parse and check a flow's conf. Returns ``{"name", "request"}`` (request: the cluster as
-    JSON, or None for delete). Raises :class:`InvalidRequest` and changes nothing."""
+    """Parse and check a flow's conf. Returns ``{"name", "request", "actions", "dry_run"}``
+    (request: the cluster as JSON, None for delete; actions: what policies will judge).
+    Raises :class:`InvalidRequest` and changes nothing."""
     parsed = parse_conf(FLOW_CONF[action], conf)
     if action == "delete":
         record = (store or Store()).get_cluster(parsed.name)
         if record is not None:
             get_backend(record.cluster.spec.type)
-        return {"name": parsed.name, "request": None, "force": parsed.force}
+        return {"name": parsed.name, "request": None, "force": parsed.force,
+                "dry_run": parsed.dry_run,
+                "actions": plan.flow_actions("delete", None, None, force=parsed.force)}
     request: ClusterRequest = parsed.cluster
     backend = get_backend(request.spec.type)
     backend.validate(request.spec)
+    desired, recorded = request.model_dump(mode="json"), None
     if action == "update":
         record = (store or Store()).get_cluster(request.name)
         if record is None:
@@ -82,25 +89,50 @@ def validate(action: str, conf: dict[str, Any], store: Store | None = None) -> d
             raise InvalidRequest("cluster.spec.type: a cluster's type and provider cannot "
                                  "change; delete it and create a new one")
         backend.validate_update(record.cluster, request.spec)
-        return {"name": request.name, "request": request.model_dump(mode="json"),
-                "actions": pool_changes(record.cluster.spec, request.spec)}
-    return {"name": request.name, "request": request.model_dump(mode="json")}
+        recorded = record.cluster.model_dump(mode="json", include={"metadata", "spec"})
+    return {"name": request.name, "request": desired, "dry_run": parsed.dry_run,
+            "actions": plan.flow_actions(action, desired, recorded)}
 
 
-def pool_changes(recorded: ClusterSpec, desired: ClusterSpec) -> list[dict[str, Any]]:
-    """The ``scale_nodegroup`` actions of an update: one per node pool that is added, removed,
-    or whose size or bounds change, with the pool's sizes before and after (None: absent)."""
-    if recorded.provider not in (Provider.EKS, Provider.AKS):
-        return []
+# ---- policy pre-check -----------------------------------------------------------------------
 
-    def sizes(spec: ClusterSpec) -> dict[str, dict[str, int]]:
-        return {p.name: {"min": p.min, "max": p.max, "desired": p.desired}
-                for p in spec.block.node_pools}
+def precheck(store: Store, checked: dict[str, Any], *, run: str | None,
+             directory: Path | None = None) -> dict[str, Any]:
+    """Every bound policy's decision on each action of the run (recorded in the audit trail,
+    except in a dry run). Returns ``checked`` with ``decisions`` and ``denied`` added and the
+    request as the policies changed it (checked again: a change must still be valid)."""
+    name, dry_run = checked["name"], bool(checked.get("dry_run"))
+    record = store.get_cluster(name)
+    decisions, changes = [], []
+    for action in checked["actions"]:
+        request = plan.policy_request(action, checked["request"], name, record, now=now(),
+                                      run=run, dry_run=dry_run)
+        decided = policy.decide(store.bindings_for(name, action["action"]), action["action"],
+                                request, directory)
+        decisions += decided
+        if decided[-1].input != action["input"]:
+            changes.append((action, decided[-1].input))
+    if not dry_run:
+        store.record_decisions(name, decisions, run_id=run)
+    denied = [d for d in decisions if not d.allowed]
+    request = checked["request"]
+    if changes and not denied:
+        request = _checked_change(plan.apply_inputs(request, changes), decisions)
+    return {**checked, "request": request, "decisions": [d.to_dict() for d in decisions],
+            "denied": [d.reason for d in denied]}
 
-    before, after = sizes(recorded), sizes(desired)
-    return [{"action": "scale_nodegroup",
-             "input": {"pool": name, "from": before.get(name), "to": after.get(name)}}
-            for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
+
+def _checked_change(request: dict[str, Any], decisions: list[policy.Decision],
+                    ) -> dict[str, Any]:
+    by = ", ".join(sorted({d.policy for d in decisions if d.changed}))
+    try:
+        cluster = ClusterRequest.model_validate(request)
+        get_backend(cluster.spec.type).validate(cluster.spec)
+    except (ValidationError, InvalidRequest) as exc:
+        reason = format_errors(exc) if isinstance(exc, ValidationError) else str(exc)
+        raise InvalidRequest(f"the change policy {by} made is not a valid cluster: "
+                             f"{reason}") from None
+    return cluster.model_dump(mode="json")
 
 
 # ---- lease --------------------------------------------------------------------------------

@@ -568,16 +568,22 @@ class Cluster(BaseModel):
 
 # ---- the conf of each flow -------------------------------------------------------------------
 
+DRY_RUN = ("report what the flow would do and what the policies would decide; "
+           "change nothing")
+
+
 class ClusterConf(Strict):
     """Conf of create, update and onboard: the cluster's metadata and (desired) spec."""
 
     cluster: ClusterRequest
+    dry_run: StrictBool = Field(False, description=DRY_RUN)
 
 
 class DeleteConf(Strict):
     name: Name
     force: StrictBool = Field(False,
                               description="delete even when the backend cannot tear down cleanly")
+    dry_run: StrictBool = Field(False, description=DRY_RUN)
 
 
 class HealthCheckConf(Strict):

@@ -69,22 +69,35 @@ def _vault_put():
     return Vault.default().put_sealed
 
 
-@task
-def validate(action: str) -> dict[str, Any]:
-    """Check the conf against the models and the backend; reads only, writes nothing."""
+@task.short_circuit
+def validate(action: str) -> dict[str, Any] | None:
+    """Check the conf against the models and the backend; reads only, writes nothing.
+
+    A dry run ends here: it reports the run's actions and the policies' decisions (log and
+    XCom ``dry_run``) and skips every later task, so no lease is taken and nothing changes."""
     from airfleet import flows
     from airfleet.resources import Cluster
     from airfleet_airflow.clients import clients_for
 
-    params = get_current_context()["params"]
+    context = get_current_context()
+    params = context["params"]
     conf = {key: params[key] for key in FLOW_CONF[action].model_fields if key in params}
     try:
-        checked = flows.validate(action, conf, _store())
+        store = _store()
+        checked = flows.validate(action, conf, store)
         if checked["request"] is not None:  # credentials resolve before anything is touched
             clients_for(Cluster.model_validate(checked["request"]))
-        return checked
+        if not checked["dry_run"]:
+            return checked
+        report = flows.precheck(store, checked, run=_holder())
     except Exception as exc:
         raise permanent_error(exc) from None
+    _print_decisions(report, "dry run: ")
+    context["ti"].xcom_push(key="dry_run", value={
+        "actions": report["actions"], "decisions": report["decisions"],
+        "allowed": not report["denied"], "request": report["request"]})
+    print("dry run: nothing was changed; the tasks after validate are skipped")
+    return None
 
 
 @task
@@ -105,25 +118,32 @@ def release_lease(lease: dict[str, Any]) -> None:
 
 
 @task
-def policy_precheck(checked: dict[str, Any], action: str) -> list[dict[str, Any]]:
-    """Hook point of the governance pre-check: a denial fails the run before any change."""
-    import json
-
+def policy_precheck(checked: dict[str, Any]) -> dict[str, Any]:
+    """Every bound policy judges each action of the run; a deny fails the run before any
+    change. Returns ``checked`` with the request as the policies changed it."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from airfleet import policy
+    from airfleet import flows
 
-    decisions = policy.precheck(action, checked["name"], checked.get("request"))
-    for extra in checked.get("actions") or []:  # e.g. scale_nodegroup per changed node pool
-        print(f"action {extra['action']}: {json.dumps(extra['input'])}")
-        decisions += policy.precheck(extra["action"], checked["name"], checked.get("request"))
-    for d in decisions:
-        print(f"policy {d.policy or '-'}: {d.action} {'allowed' if d.allowed else 'DENIED'}: "
-              f"{d.reason}")
-    denied = [d for d in decisions if not d.allowed]
-    if denied:
-        raise AirflowFailException("; ".join(f"{d.policy}: {d.reason}" for d in denied))
-    return [d.__dict__ for d in decisions]
+    try:
+        approved = flows.precheck(_store(), checked, run=_holder())
+    except Exception as exc:
+        raise permanent_error(exc) from None
+    _print_decisions(approved)
+    if approved["denied"]:
+        raise AirflowFailException("denied by policy: " + "; ".join(approved["denied"]))
+    return approved
+
+
+def _print_decisions(checked: dict[str, Any], prefix: str = "") -> None:
+    import json
+
+    for action in checked["actions"]:
+        print(f"{prefix}action {action['action']}: {json.dumps(action['input'])}")
+    for d in checked["decisions"]:
+        changed = f" (changed {', '.join(d['changed'])})" if d["changed"] else ""
+        print(f"{prefix}policy {d['policy'] or '-'}: {d['action']} "
+              f"{'allowed' if d['allowed'] else 'DENIED'}{changed}: {d['reason']}")
 
 
 @task

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from airfleet import cli
 from airfleet.backends.kubernetes import manifests as m
 from airfleet.resources import Phase
 from airfleet.store import Store
@@ -186,17 +187,26 @@ def test_eks_create_running_scale_delete(dags, clouds, capfd, caplog, airfleet_h
     assert kube.get("Deployment", m.ROUTER, ns) is not None
     assert record.cluster.status.accelerators["models"] == {"NVIDIA-A10G": 1}
 
-    # Scale: the GPU pool's bounds and size, through the update flow.
+    # Scale: the GPU pool's bounds and size, through the update flow, as the shipped
+    # cap_node_pool policy (bound with the CLI, run in its own interpreter) lowers them.
+    assert cli.main(["policies", "bind", "scale_nodegroup=cap_node_pool",
+                     "--param", "max_per_pool=2"]) == 0
     scaled = eks_cluster()
     scaled["spec"]["config"]["eks"]["node_pools"][1].update(min=1, max=6, desired=3)
     dr = run(dags, "airfleet_cluster_update", {"cluster": scaled})
     assert str(dr.state) == "success", states(dr)
-    assert eks_state(eks)["nodegroups"]["gpu"] == {"minSize": 1, "maxSize": 6, "desiredSize": 3}
+    assert eks_state(eks)["nodegroups"]["gpu"] == {"minSize": 1, "maxSize": 2, "desiredSize": 2}
+    recorded = Store().require_cluster("llm-eks").cluster.spec.config.eks.node_pools[1]
+    assert (recorded.min, recorded.max, recorded.desired) == (1, 2, 2)
     assert proxy.describes["nodegroup/llm-eks/gpu"] >= 6  # it waited through UPDATING
     log = output(capfd, caplog)
     assert 'action scale_nodegroup: {"pool": "gpu", "from": {"min": 0, "max": 4, "desired": ' \
            '1}, "to": {"min": 1, "max": 6, "desired": 3}}' in log
-    assert "policy -: scale_nodegroup allowed" in log
+    assert "policy cap_node_pool: scale_nodegroup allowed (changed to): lowered cluster " \
+           "llm-eks to max_per_pool 2" in log
+    (decision,) = [a for a in Store().policy_audit("llm-eks") if a["kind"] == "decision"
+                   and a["action"] == "scale_nodegroup"]
+    assert decision["policy"] == "cap_node_pool" and decision["allowed"] is True
     assert ("NodePoolChanged", "nodegroup gpu updated") in events("llm-eks")
     assert Store().require_cluster("llm-eks").phase is Phase.RUNNING
     assert_no_canary(capfd, caplog, airfleet_home)

@@ -8,7 +8,6 @@ backend was asked to do, the lease afterwards, and the run's outcome.
 from __future__ import annotations
 
 import copy
-import json
 import secrets
 from pathlib import Path
 
@@ -20,35 +19,13 @@ from airfleet.store import Store
 pytestmark = pytest.mark.integration
 
 FAKE = "tests.fakes.recording_backend:RecordingBackend"
+
 SSH_CLUSTER = {"metadata": {"name": "llm-a", "labels": {"team": "search"}},
                "spec": {"type": "ssh", "provider": "static",
                         "model_caches": [{"name": "hf", "host_path": {"path": "/data/models"}}],
                         "config": {"ssh": {"head": "10.0.0.1", "workers": ["10.0.0.2"],
                                            "credential": {"airflow_conn_id": "ssh_fleet"}}}}}
 
-
-
-@pytest.fixture
-def fake(airfleet_home, monkeypatch, tmp_path):
-    """Register the recording backend for ssh and kubernetes; return its call log reader and
-    a way to instruct it."""
-    monkeypatch.setenv("AIRFLEET_BACKENDS", f"ssh={FAKE},kubernetes={FAKE}")
-    log, state = tmp_path / "calls.jsonl", tmp_path / "state.json"
-    monkeypatch.setenv("AIRFLEET_FAKE_BACKEND_LOG", str(log))
-    monkeypatch.setenv("AIRFLEET_FAKE_BACKEND_STATE", str(state))
-    Store().migrate()
-
-    class Fake:
-        def calls(self, cluster: str | None = None) -> list[str]:
-            if not log.exists():
-                return []
-            rows = [json.loads(line) for line in log.read_text().splitlines()]
-            return [r["verb"] for r in rows if cluster in (None, r["cluster"])]
-
-        def instruct(self, **instructions) -> None:
-            state.write_text(json.dumps(instructions))
-
-    return Fake()
 
 
 def run(dags, dag_id: str, conf: dict):

@@ -1,4 +1,5 @@
-"""Durable state: clusters, their event history, per-cluster leases and vault secrets.
+"""Durable state: clusters, their event history, per-cluster leases, vault secrets, policy
+bindings and the governance audit trail.
 
 SQLAlchemy 2 on a SQLite file by default (``config.database_url``), PostgreSQL when
 ``AIRFLEET_DATABASE_URL`` says so. Safety under concurrency comes from the database:
@@ -30,10 +31,19 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from airfleet import config, lifecycle
 from airfleet.errors import Conflict, LeaseHeld, NotFound, StaleFencingToken
+from airfleet.policy import Binding, Decision
 from airfleet.resources import Cluster, ClusterRequest, ClusterStatus, Phase
-from airfleet.store.tables import ClusterRow, EventRow, LeaseRow, SecretRow
+from airfleet.store.tables import (
+    ClusterRow,
+    EventRow,
+    LeaseRow,
+    PolicyAuditRow,
+    PolicyBindingRow,
+    SecretRow,
+)
 
 DEFAULT_LEASE_SECONDS = 3600
+GLOBAL_SCOPE = "*"  # the scope of bindings that hold for every cluster
 
 
 def now() -> datetime:
@@ -414,6 +424,89 @@ class Store:
         with self.session() as s:
             row = s.get(SecretRow, secret_id)
             row.key_id, row.envelope, row.rotated_at = key_id, envelope, now()
+
+    # ---- policy bindings and the governance audit trail ---------------------------------
+
+    def bindings(self, cluster: str | None = None, *, every_scope: bool = False,
+                 ) -> list[Binding]:
+        """The bindings of one scope (``cluster`` None: the global one), or of every scope."""
+        query = select(PolicyBindingRow).order_by(
+            PolicyBindingRow.scope, PolicyBindingRow.action, PolicyBindingRow.position)
+        if not every_scope:
+            query = query.where(PolicyBindingRow.scope == (cluster or GLOBAL_SCOPE))
+        with self.session() as s:
+            return [_binding(row) for row in s.scalars(query)]
+
+    def bindings_for(self, cluster: str, action: str) -> list[Binding]:
+        """The policies that judge ``action`` on ``cluster``: its own, else the global ones."""
+        own = [b for b in self.bindings(cluster) if b.action == action]
+        return own or [b for b in self.bindings() if b.action == action]
+
+    def set_bindings(self, changes: dict[str, list[Binding]], *, cluster: str | None,
+                     actor: str | None) -> None:
+        """Seed semantics: each action given gets exactly its list (empty: unbound); actions
+        not given keep theirs. Every change goes to the audit trail."""
+        scope = cluster or GLOBAL_SCOPE
+        with self.session() as s:
+            for action, bound in changes.items():
+                old = {r.policy: r for r in s.scalars(select(PolicyBindingRow).where(
+                    PolicyBindingRow.scope == scope, PolicyBindingRow.action == action))}
+                for row in old.values():
+                    s.delete(row)
+                s.flush()
+                for position, b in enumerate(bound):
+                    s.add(PolicyBindingRow(
+                        scope=scope, action=action, position=position, policy=b.policy,
+                        version=b.version, mode=b.mode, timeout_seconds=b.timeout_seconds,
+                        memory_mb=b.memory_mb, url=b.url, fail_open=b.fail_open,
+                        params=dict(b.params), updated_at=now()))
+                    s.add(_audit("bind", cluster, action, b.policy, b.version, b.mode,
+                                 reason=_describe(b), actor=actor))
+                for policy in sorted(set(old) - {b.policy for b in bound}):
+                    s.add(_audit("unbind", cluster, action, policy, old[policy].version,
+                                 old[policy].mode, reason="unbound", actor=actor))
+
+    def record_decisions(self, cluster: str, decisions: list[Decision], *,
+                         run_id: str | None) -> None:
+        with self.session() as s:
+            for d in decisions:
+                s.add(_audit("decision", cluster, d.action, d.policy, d.version, d.mode,
+                             allowed=d.allowed, reason=d.reason, run_id=run_id))
+
+    def policy_audit(self, cluster: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest ``limit`` audit entries (of one cluster, when given), oldest first."""
+        query = select(PolicyAuditRow).order_by(PolicyAuditRow.id.desc()).limit(limit)
+        if cluster:
+            query = query.where(PolicyAuditRow.cluster == cluster)
+        with self.session() as s:
+            rows = list(s.scalars(query))
+        return [{"at": _utc(r.at).isoformat(), "kind": r.kind, "cluster": r.cluster,
+                 "action": r.action, "policy": r.policy, "version": r.version, "mode": r.mode,
+                 "allowed": r.allowed, "reason": r.reason, "run_id": r.run_id,
+                 "actor": r.actor} for r in reversed(rows)]
+
+
+def _binding(row: PolicyBindingRow) -> Binding:
+    return Binding(action=row.action, policy=row.policy,
+                   cluster=None if row.scope == GLOBAL_SCOPE else row.scope,
+                   version=row.version, mode=row.mode, timeout_seconds=row.timeout_seconds,
+                   memory_mb=row.memory_mb, url=row.url, fail_open=row.fail_open,
+                   params=dict(row.params or {}))
+
+
+def _describe(b: Binding) -> str:
+    how = f"mode {b.mode}, timeout {b.timeout_seconds:g} s"
+    if b.mode == "http":
+        how += f", {b.url}" + (", fail-open" if b.fail_open else "")
+    return f"bound ({how}" + (f", params {b.params}" if b.params else "") + ")"
+
+
+def _audit(kind: str, cluster: str | None, action: str, policy: str | None,
+           version: str | None, mode: str | None, *, reason: str, allowed: bool | None = None,
+           run_id: str | None = None, actor: str | None = None) -> PolicyAuditRow:
+    return PolicyAuditRow(at=now(), kind=kind, cluster=cluster, action=action, policy=policy,
+                          version=version, mode=mode, allowed=allowed, reason=reason,
+                          run_id=run_id, actor=actor)
 
 
 def _case(condition, then, otherwise):

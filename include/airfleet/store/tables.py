@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, Index, Integer, String, Text, text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -80,3 +91,45 @@ class SecretRow(Base):
     description: Mapped[str] = mapped_column(String(250), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PolicyBindingRow(Base):
+    """One policy bound to one action, for every cluster (scope ``*``) or for one cluster."""
+
+    __tablename__ = "airfleet_policy_bindings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    scope: Mapped[str] = mapped_column(String(63))  # a cluster name, or "*" for all
+    action: Mapped[str] = mapped_column(String(32))
+    position: Mapped[int] = mapped_column(Integer)  # evaluation order within the action
+    policy: Mapped[str] = mapped_column(String(63))
+    version: Mapped[str | None] = mapped_column(String(16))
+    mode: Mapped[str] = mapped_column(String(16))
+    timeout_seconds: Mapped[float] = mapped_column(Float)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str | None] = mapped_column(Text)
+    fail_open: Mapped[bool] = mapped_column(Boolean)
+    params: Mapped[dict] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (UniqueConstraint("scope", "action", "policy",
+                                       name="uq_airfleet_policy_bindings"),)
+
+
+class PolicyAuditRow(Base):
+    """The audit trail of governance: every binding change and every decision."""
+
+    __tablename__ = "airfleet_policy_audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    kind: Mapped[str] = mapped_column(String(16))  # bind | unbind | decision
+    cluster: Mapped[str | None] = mapped_column(String(63), index=True)  # None: global scope
+    action: Mapped[str] = mapped_column(String(32))
+    policy: Mapped[str | None] = mapped_column(String(63))
+    version: Mapped[str | None] = mapped_column(String(16))
+    mode: Mapped[str | None] = mapped_column(String(16))
+    allowed: Mapped[bool | None] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(Text)
+    run_id: Mapped[str | None] = mapped_column(String(250))
+    actor: Mapped[str | None] = mapped_column(String(250))

@@ -1,0 +1,126 @@
+"""How a bound policy runs: ``subprocess`` (the default), ``local`` or ``http``.
+
+- ``subprocess``: a separate interpreter (``python -I``, a minimal environment, an address-space
+  limit), the request as JSON on stdin and the decision as JSON on stdout; killed with its
+  process group at the timeout. Untrusted code sees nothing but the request.
+- ``local``: imported and called in-process, for trusted code; a call still running at the
+  timeout is abandoned (its thread cannot be killed) and the action denied.
+- ``http``: the request POSTed as JSON to the binding's URL; the decision is the JSON answer.
+
+Each raises :class:`~airfleet.policy.PolicyFailed` with the reason when no decision came back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from airfleet.policy import Binding, PolicyFailed, _short, policy_path, source_version
+
+CHILD = Path(__file__).with_name("child.py")
+# The child's whole environment: nothing of the task's (connections, keys, tokens) reaches it.
+CHILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+def run(binding: Binding, request: dict[str, Any], directory: Path | None = None) -> Any:
+    if binding.mode == "http":
+        return _http(binding, request)
+    path = policy_path(binding.policy, directory)
+    if binding.mode == "local":
+        return _local(path, binding.timeout_seconds, request)
+    return _subprocess(path, binding, request)
+
+
+def _subprocess(path: Path, binding: Binding, request: dict[str, Any]) -> Any:
+    proc = subprocess.Popen(
+        [sys.executable, "-I", str(CHILD), str(path), str(binding.memory_mb)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=CHILD_ENV,
+        cwd="/", start_new_session=True)
+    try:
+        out, err = proc.communicate(json.dumps(request).encode(),
+                                    timeout=binding.timeout_seconds)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        raise PolicyFailed(f"did not answer within {binding.timeout_seconds:g} s "
+                           "(stopped)") from None
+    if proc.returncode != 0:
+        last = (err.decode(errors="replace").strip().splitlines() or [""])[-1]
+        raise PolicyFailed(f"exited with status {proc.returncode}: {_short(last)}")
+    try:
+        answer = json.loads(out)
+    except ValueError:
+        raise PolicyFailed(f"answered something that is not JSON: {_short(out)}") from None
+    if not isinstance(answer, dict) or not ("decision" in answer or "error" in answer):
+        raise PolicyFailed(f"answered something that is not a decision: {_short(answer)}")
+    if "error" in answer:
+        raise PolicyFailed(str(answer["error"]))
+    return answer["decision"]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
+
+
+_MODULES: dict[tuple[str, str], Any] = {}
+
+
+def _local(path: Path, timeout: float, request: dict[str, Any]) -> Any:
+    source = path.read_text()
+    key = (str(path), source_version(source))
+    if key not in _MODULES:  # a changed file is a new version: load it afresh
+        spec = importlib.util.spec_from_file_location(f"airfleet_policy_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise PolicyFailed(f"failed to load: {type(exc).__name__}: {exc}") from None
+        _MODULES[key] = module
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["result"] = _MODULES[key].evaluate(json.loads(json.dumps(request)))
+        except BaseException as exc:  # noqa: BLE001 - every failure is a deny
+            outcome["error"] = f"raised {type(exc).__name__}: {exc}"
+
+    worker = threading.Thread(target=call, name=f"policy-{path.stem}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise PolicyFailed(f"did not answer within {timeout:g} s (abandoned: local mode "
+                           "cannot stop it; bind untrusted code in subprocess mode)")
+    if "error" in outcome:
+        raise PolicyFailed(_short(outcome["error"], 500))
+    return outcome["result"]
+
+
+def _http(binding: Binding, request: dict[str, Any]) -> Any:
+    import requests
+
+    where = f"server {binding.url}"
+    try:
+        response = requests.post(binding.url, json=request, timeout=binding.timeout_seconds)
+    except requests.Timeout:
+        raise PolicyFailed(f"{where} did not answer within {binding.timeout_seconds:g} s") \
+            from None
+    except requests.RequestException as exc:
+        raise PolicyFailed(f"{where} is unreachable ({type(exc).__name__})") from None
+    if response.status_code != 200:
+        raise PolicyFailed(f"{where} answered HTTP {response.status_code}: "
+                           f"{_short(response.text)}")
+    try:
+        return response.json()
+    except ValueError:
+        raise PolicyFailed(f"{where} answered something that is not JSON: "
+                           f"{_short(response.text)}") from None

@@ -1,0 +1,167 @@
+"""Governance through the real flows (``dag.test()``): policies bound with the CLI judge each
+action of a run, in their own interpreters; a deny stops the run with nothing changed; a dry
+run reports and changes nothing; every decision lands in the audit trail."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+
+from airfleet import cli
+from airfleet.store import Store
+from tests.integration.test_flows import SSH_CLUSTER, output, run, states
+
+pytestmark = pytest.mark.integration
+
+
+def bind(*args: str) -> None:
+    assert cli.main(["policies", "bind", *args]) == 0
+
+
+def snapshot(name: str = "llm-a"):
+    record = Store().require_cluster(name)
+    return (record.generation, record.version, record.phase,
+            record.cluster.model_dump(mode="json"))
+
+
+def decisions(name: str = "llm-a") -> list[dict]:
+    return [a for a in Store().policy_audit(name) if a["kind"] == "decision"]
+
+
+def with_workers(*workers: str) -> dict:
+    desired = copy.deepcopy(SSH_CLUSTER)
+    desired["spec"]["config"]["ssh"]["workers"] = list(workers)
+    return desired
+
+
+def test_a_denied_add_node_leaves_the_cluster_as_it_was(dags, fake, capfd, caplog):
+    assert str(run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER}).state) == "success"
+    bind("add_node=max_nodes", "--param", "max_nodes=2")
+    before, calls = snapshot(), fake.calls()
+
+    dr = run(dags, "airfleet_cluster_update",
+             {"cluster": with_workers("10.0.0.2", "10.0.0.3")})
+
+    assert str(dr.state) == "failed"
+    s = states(dr)
+    assert s["policy_precheck"] == "failed" and s["record_desired"] == "upstream_failed"
+    assert s["release_lease"] == "success"
+    assert snapshot() == before and fake.calls() == calls
+    assert Store().get_lease("llm-a").holder is None
+    log = output(capfd, caplog)
+    assert 'action add_node: {"node": {"name": "10.0.0.3", "role": "worker"}, ' \
+           '"workers_after": 2}' in log
+    assert "denied by policy: cluster llm-a would have 3 nodes" in log
+    (denied,) = [d for d in decisions() if d["action"] == "add_node"]
+    assert denied["policy"] == "max_nodes" and denied["allowed"] is False
+    assert denied["run_id"] == f"airfleet_cluster_update/{dr.run_id}"
+    assert "max_nodes 2" in denied["reason"]
+
+
+def test_an_update_is_judged_per_action_and_a_cluster_binding_wins(dags, fake, capfd, caplog):
+    run(dags, "airfleet_cluster_create", {"cluster": with_workers("10.0.0.2", "10.0.0.3")})
+    bind("remove_node=min_workers", "--param", "min_workers=3")  # global: keep three
+    bind("remove_node=min_workers", "--param", "min_workers=1", "--cluster", "llm-a")
+
+    dr = run(dags, "airfleet_cluster_update", {"cluster": with_workers("10.0.0.2", "10.0.0.4")})
+
+    assert str(dr.state) == "success", states(dr)
+    assert Store().require_cluster("llm-a").cluster.spec.config.ssh.workers == \
+        ["10.0.0.2", "10.0.0.4"]
+    log = output(capfd, caplog)
+    assert "policy -: add_node allowed: no policy is bound to add_node" in log
+    assert "policy min_workers: remove_node allowed" in log
+    assert [(d["action"], d["policy"], d["allowed"]) for d in decisions()
+            if d["run_id"].startswith("airfleet_cluster_update")] == [
+        ("add_node", None, True), ("remove_node", "min_workers", True)]
+
+
+@pytest.mark.parametrize(("dag_id", "conf"), [
+    ("airfleet_cluster_create", {"cluster": SSH_CLUSTER, "dry_run": True}),
+    ("airfleet_cluster_onboard", {"cluster": SSH_CLUSTER, "dry_run": True}),
+])
+def test_a_dry_create_or_onboard_reports_and_changes_nothing(dags, fake, capfd, caplog,
+                                                             dag_id, conf):
+    bind("create_cluster=required_labels,max_nodes", "onboard_cluster=max_nodes",
+         "--param", "max_nodes=1")
+    dr = run(dags, dag_id, conf)
+
+    assert str(dr.state) == "success"
+    assert {t for t, state in states(dr).items() if state != "skipped"} == {"validate"}
+    store = Store()
+    assert store.list_clusters(include_deleted=True) == [] and store.get_lease("llm-a") is None
+    assert fake.calls() == [] and decisions() == []
+    log = output(capfd, caplog)
+    action = dag_id.removeprefix("airfleet_cluster_")
+    assert f"dry run: action {action}_cluster: " in log
+    assert f"dry run: policy max_nodes: {action}_cluster DENIED: cluster llm-a would have " \
+           "2 nodes" in log
+    assert "dry run: nothing was changed" in log
+
+
+def test_a_dry_update_and_delete_change_nothing(dags, fake, capfd, caplog):
+    run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    bind("add_node=max_nodes", "--param", "max_nodes=2")
+    before, calls, token = snapshot(), fake.calls(), Store().get_lease("llm-a").token
+    trail = Store().policy_audit()
+
+    update = run(dags, "airfleet_cluster_update",
+                 {"cluster": with_workers("10.0.0.2", "10.0.0.3"), "dry_run": True})
+    delete = run(dags, "airfleet_cluster_delete", {"name": "llm-a", "dry_run": True})
+
+    assert str(update.state) == str(delete.state) == "success"
+    assert snapshot() == before and fake.calls() == calls
+    assert Store().get_lease("llm-a").token == token  # no lease was taken
+    assert Store().policy_audit() == trail
+    log = output(capfd, caplog)
+    assert "dry run: policy max_nodes: add_node DENIED" in log
+    assert "dry run: policy -: delete_cluster allowed: no policy is bound" in log
+
+
+def test_a_hanging_policy_fails_the_run_within_its_timeout(dags, fake, capfd, caplog,
+                                                           tmp_path, monkeypatch):
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    (folder / "forever.py").write_text("import time\n\ndef evaluate(request):\n"
+                                       "    while True:\n        time.sleep(1)\n")
+    monkeypatch.setenv("AIRFLEET_POLICIES_DIR", str(folder))
+    run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    bind("delete_cluster=forever", "--timeout", "2")
+
+    started = time.monotonic()
+    dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a"})
+
+    assert str(dr.state) == "failed" and time.monotonic() - started < 60
+    assert states(dr)["policy_precheck"] == "failed" and states(dr)["deleting"] != "success"
+    assert Store().require_cluster("llm-a").phase.value == "Running"
+    assert "policy forever did not answer within 2 s (stopped)" in output(capfd, caplog)
+
+
+def test_a_bad_binding_is_refused_and_writes_nothing(fake, capsys):
+    for args, message in [
+        (["add_nodes=max_nodes"], "unknown action 'add_nodes'"),
+        (["add_node=max_nodez"], "no policy 'max_nodez'"),
+        (["add_node=README"], "a policy name is a Python module name"),
+        (["add_node=max_nodes", "remove_node=nope"], "no policy 'nope'"),
+        (["add_node=max_nodes", "--cluster", "ghost"], "cluster ghost is not registered"),
+        (["add_node"], "write ACTION=POLICY"),
+    ]:
+        assert cli.main(["policies", "bind", *args]) == 1
+        assert message in capsys.readouterr().err
+    assert Store().bindings(every_scope=True) == [] and Store().policy_audit() == []
+
+
+def test_bindings_follow_seed_semantics_with_an_audit_trail(fake, capsys):
+    bind("add_node=max_nodes,maintenance_window", "remove_node=min_workers")
+    bind("add_node=", "delete_cluster=maintenance_window")  # remove_node not given: stays
+    assert [(b.action, b.policy) for b in Store().bindings()] == [
+        ("delete_cluster", "maintenance_window"), ("remove_node", "min_workers")]
+    trail = [(a["kind"], a["action"], a["policy"]) for a in Store().policy_audit()]
+    assert trail == [("bind", "add_node", "max_nodes"), ("bind", "add_node", "maintenance_window"),
+                     ("bind", "remove_node", "min_workers"),
+                     ("unbind", "add_node", "maintenance_window"),
+                     ("unbind", "add_node", "max_nodes"),
+                     ("bind", "delete_cluster", "maintenance_window")]
+    assert all(a["actor"].startswith("cli") for a in Store().policy_audit())
