@@ -288,6 +288,57 @@ def _policies_audit(args) -> None:
                        "actor", "reason"])
 
 
+def _stability_enable(args) -> None:
+    """Bind a stability suite (a policy judging check_stability) to a cluster, or to all."""
+    from airfleet import policy
+    from airfleet.store import Store
+
+    store = Store()
+    if args.name and store.get_cluster(args.name) is None:
+        raise AirfleetError(f"cluster {args.name} is not registered")
+    args.param = [*args.param, f"interval_seconds={args.interval}"]
+    binding = policy.check_binding(_binding(args, "check_stability", args.suite, None))
+    store.set_bindings({"check_stability": [binding]}, cluster=args.name, actor=_actor())
+    print(f"stability suite {args.suite} enabled for {_scope(args.name)}, every "
+          f"{args.interval:g} s at most (at each health check past that)")
+
+
+def _stability_disable(args) -> None:
+    from airfleet.store import Store
+
+    Store().set_bindings({"check_stability": []}, cluster=args.name, actor=_actor())
+    print(f"stability checks disabled for {_scope(args.name)}")
+
+
+def _stability_interval(args) -> None:
+    from dataclasses import replace
+
+    from airfleet.store import Store
+
+    store = Store()
+    bound = [b for b in store.bindings(args.name) if b.action == "check_stability"]
+    if not bound:
+        raise AirfleetError(f"no stability suite is bound for {_scope(args.name)}; enable one "
+                            "first")
+    store.set_bindings({"check_stability": [
+        replace(b, params={**b.params, "interval_seconds": args.seconds}) for b in bound]},
+        cluster=args.name, actor=_actor())
+    print(f"stability checks for {_scope(args.name)}: every {args.seconds:g} s at most")
+
+
+def _stability_run(args) -> None:
+    from airfleet.flows import check_stability
+    from airfleet.store import Store
+
+    condition = check_stability(Store(), args.name, run_id="cli")
+    print(json.dumps(condition.model_dump(mode="json"), indent=2))
+    return 0 if condition.status == "True" else 3
+
+
+def _scope(name: str | None) -> str:
+    return f"cluster {name}" if name else "every cluster"
+
+
 # ---- plumbing -----------------------------------------------------------------------------
 
 def _keys(args) -> Path:
@@ -403,6 +454,32 @@ def _parser() -> argparse.ArgumentParser:
                     "the audit trail: binding changes and decisions", output=True)
     audit.add_argument("--cluster")
     audit.add_argument("--limit", type=int, default=100)
+
+    stability = verbs.add_parser("stability", help="stability checks run by the health checks") \
+        .add_subparsers(required=True, metavar="VERB")
+    enable = command(stability, "enable", _stability_enable,
+                     "judge a cluster's (or, without NAME, every cluster's) health data with a "
+                     "stability suite")
+    enable.add_argument("name", nargs="?")
+    enable.add_argument("--suite", default="stability", help="the suite: a policy judging "
+                        "check_stability (default: the shipped stability)")
+    enable.add_argument("--interval", type=float, default=0.0,
+                        help="seconds between evaluations (default 0: every health check)")
+    enable.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a suite parameter, e.g. min_ready_ratio=0.9; repeatable")
+    enable.add_argument("--mode", choices=["subprocess", "local"], default="subprocess")
+    enable.add_argument("--timeout", type=float, default=10.0)
+    enable.add_argument("--memory-mb", type=int, default=512)
+    enable.set_defaults(url=None, fail_open=False)
+    command(stability, "disable", _stability_disable, "remove a cluster's own suite (a "
+            "global one, if enabled, then applies) or, without NAME, the global suite") \
+        .add_argument("name", nargs="?")
+    interval = command(stability, "interval", _stability_interval,
+                       "set the seconds between evaluations")
+    interval.add_argument("name", nargs="?")
+    interval.add_argument("seconds", type=float)
+    command(stability, "run", _stability_run, "evaluate a cluster's suite now on its recorded "
+            "health data; print the Stable condition (exit 3: Unstable)").add_argument("name")
     return parser
 
 

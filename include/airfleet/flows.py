@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from airfleet.resources import (
     CloudResource,
     Cluster,
     ClusterRequest,
+    ClusterStatus,
+    Condition,
     NodeStatus,
     Phase,
     format_errors,
@@ -305,13 +307,85 @@ def _check_one(store: Store, record: ClusterRecord, run_id: str,
     status = record.cluster.status.model_copy(update={
         "phase": phase, "message": message, "observed_at": started, "failed_probes": misses,
         "nodes": seen.nodes or record.cluster.status.nodes,
-        "conditions": seen.conditions or record.cluster.status.conditions})
+        "conditions": _keep_stable(seen.conditions or record.cluster.status.conditions,
+                                   record.cluster.status)})
+    status, flipped = _with_stability(store, record, status, run_id)
     try:
         written = store.set_status(record.name, status, reason="HealthCheck", run_id=run_id,
                                    expected_version=record.version, only_if_newer=True)
     except Conflict:  # a flow wrote meanwhile: its status is newer than this probe
         return "skipped: changed while probing"
+    if written and flipped:
+        _record_stability(store, record.name, flipped, run_id)
     return phase.value if written else "skipped: a newer status is recorded"
+
+
+# ---- stability ----------------------------------------------------------------------------
+
+STABLE = "Stable"
+
+
+def check_stability(store: Store, name: str, *, run_id: str | None = None) -> Condition:
+    """Evaluate ``name``'s stability suite now, on its recorded health data ("run now"), and
+    write the Stable condition. Raises :class:`InvalidRequest` when no suite is bound."""
+    record = store.require_cluster(name)
+    if not store.bindings_for(name, "check_stability"):
+        raise InvalidRequest(f"cluster {name}: no stability suite is bound; run "
+                             f"`airfleet stability enable {name}` first")
+    status, flipped = _with_stability(store, record, record.cluster.status, run_id, due=True)
+    condition = _stable(status)
+    store.set_status(name, status, reason="StabilityCheck", run_id=run_id,
+                     expected_version=record.version)
+    if flipped:
+        _record_stability(store, name, flipped, run_id)
+    return condition
+
+
+def _with_stability(store: Store, record: ClusterRecord, status: ClusterStatus,
+                    run_id: str | None, *, due: bool = False,
+                    ) -> tuple[ClusterStatus, Condition | None]:
+    """``status`` with a fresh Stable condition when a suite is bound and its interval has
+    passed (``due``: now anyway), and that condition when the verdict changed."""
+    bindings = store.bindings_for(record.name, "check_stability")
+    previous, at = _stable(status), now()
+    if not bindings:
+        return status, None
+    interval = max(float(b.params.get("interval_seconds", 0)) for b in bindings)
+    if not due and previous is not None and previous.last_probe_time is not None and \
+            (at - previous.last_probe_time).total_seconds() < interval:
+        return status, None
+    observed = replace(record, cluster=record.cluster.model_copy(update={"status": status}))
+    request = plan.policy_request({"action": "check_stability", "input": {}}, None,
+                                  record.name, observed, now=at, run=run_id, dry_run=False)
+    decisions = policy.decide(bindings, "check_stability", request)
+    stable = all(d.allowed for d in decisions)
+    message = "; ".join(d.reason for d in decisions if not d.allowed) or \
+        "; ".join(d.reason for d in decisions)
+    changed = previous is None or (previous.status == "True") != stable
+    condition = Condition(
+        type=STABLE, status="True" if stable else "False",
+        reason="ExpectationsMet" if stable else "ExpectationsFailed", message=message,
+        last_transition_time=at if changed else previous.last_transition_time,
+        last_probe_time=at)
+    conditions = [c for c in status.conditions if c.type != STABLE] + [condition]
+    return status.model_copy(update={"conditions": conditions}), condition if changed else None
+
+
+def _stable(status: ClusterStatus) -> Condition | None:
+    return next((c for c in status.conditions if c.type == STABLE), None)
+
+
+def _keep_stable(conditions: list[Condition], recorded: ClusterStatus) -> list[Condition]:
+    """A probe's conditions replace the backend's own; the Stable condition is ours."""
+    previous = _stable(recorded)
+    return [c for c in conditions if c.type != STABLE] + ([previous] if previous else [])
+
+
+def _record_stability(store: Store, name: str, condition: Condition,
+                      run_id: str | None) -> None:
+    stable = condition.status == "True"
+    store.record_event(name, "Stable" if stable else "Unstable", condition.message,
+                       run_id=run_id, kind="Normal" if stable else "Warning")
 
 
 def _verdict(record: ClusterRecord, seen: Observation) -> tuple[Phase, int, str]:

@@ -529,6 +529,7 @@ class Condition(BaseModel):
     reason: str = ""
     message: str = ""
     last_transition_time: datetime | None = None
+    last_probe_time: datetime | None = None  # when it was last evaluated, changed or not
 
 
 class CloudResource(BaseModel):

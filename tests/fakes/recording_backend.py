@@ -6,13 +6,15 @@ instructions and its record live in files named by environment variables:
 
 - ``AIRFLEET_FAKE_BACKEND_LOG``: JSON lines, one per verb call ``{"verb", "cluster", "run_id"}``;
 - ``AIRFLEET_FAKE_BACKEND_STATE``: JSON ``{"fail_at": {"<cluster>": "<verb>"},
-  "unhealthy": ["<cluster>"], "leftovers": {"<cluster>": ["..."]}}``.
+  "unhealthy": ["<cluster>"], "not_ready": {"<cluster>": ["<node>"]},
+  "leftovers": {"<cluster>": ["..."]}}``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +75,11 @@ class RecordingBackend(Backend):
         self._call("health", cluster, ctx)
         if cluster.name in _state().get("unhealthy", []):
             return Observation(healthy=False, message="fake probe: head unreachable")
-        return Observation(healthy=True, message="fake probe: healthy")
+        not_ready = _state().get("not_ready", {}).get(cluster.name, [])
+        nodes = [n.model_copy(update={"phase": "NotReady" if n.name in not_ready else "Running",
+                                      "observed_at": datetime.now(UTC)})
+                 for n in cluster.status.nodes]
+        return Observation(healthy=True, message="fake probe: healthy", nodes=nodes)
 
     def detect_accelerators(self, cluster, ctx):
         self._call("detect_accelerators", cluster, ctx)

@@ -165,3 +165,63 @@ def test_bindings_follow_seed_semantics_with_an_audit_trail(fake, capsys):
                      ("unbind", "add_node", "max_nodes"),
                      ("bind", "delete_cluster", "maintenance_window")]
     assert all(a["actor"].startswith("cli") for a in Store().policy_audit())
+
+
+# ---- stability ----------------------------------------------------------------------------
+
+def stable(name: str = "llm-a"):
+    conditions = Store().require_cluster(name).cluster.status.conditions
+    return next((c for c in conditions if c.type == "Stable"), None)
+
+
+def test_one_not_ready_node_of_three_turns_unstable_and_back(dags, fake, capsys):
+    run(dags, "airfleet_cluster_create", {"cluster": with_workers("10.0.0.2", "10.0.0.3")})
+    assert cli.main(["stability", "enable", "llm-a"]) == 0
+    assert [n.name for n in Store().require_cluster("llm-a").cluster.status.nodes] == \
+        ["head", "worker-0", "worker-1"]
+
+    run(dags, "airfleet_cluster_health_check", {})
+    assert stable().status == "True" and stable().reason == "ExpectationsMet"
+
+    fake.instruct(not_ready={"llm-a": ["worker-1"]})
+    run(dags, "airfleet_cluster_health_check", {})
+    condition = stable()
+    assert condition.status == "False" and condition.reason == "ExpectationsFailed"
+    assert condition.message.startswith("expect_ready_ratio: 2 of 3 nodes ready (0.67), at "
+                                        "least 1 expected; not ready: worker-1 (NotReady)")
+    assert Store().require_cluster("llm-a").phase.value == "Running"  # health is not stability
+    flipped_at = condition.last_transition_time
+
+    run(dags, "airfleet_cluster_health_check", {})  # still down: no new transition
+    assert stable().last_transition_time == flipped_at
+    assert stable().last_probe_time > flipped_at
+
+    fake.instruct(not_ready={})
+    run(dags, "airfleet_cluster_health_check", {})
+    assert stable().status == "True"
+    history = [(e.reason, e.kind) for e in Store().events("llm-a")
+               if e.reason in ("Stable", "Unstable")]
+    assert history == [("Stable", "Normal"), ("Unstable", "Warning"), ("Stable", "Normal")]
+
+
+def test_stability_interval_disable_and_run_now(dags, fake, capsys):
+    run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    assert cli.main(["stability", "enable", "llm-a", "--interval", "3600",
+                     "--param", "min_ready_ratio=0.5"]) == 0
+    run(dags, "airfleet_cluster_health_check", {})
+    probed = stable().last_probe_time
+    fake.instruct(not_ready={"llm-a": ["head", "worker-0"]})
+    run(dags, "airfleet_cluster_health_check", {})
+    assert stable().status == "True" and stable().last_probe_time == probed  # not due yet
+
+    capsys.readouterr()
+    assert cli.main(["stability", "run", "llm-a"]) == 3  # now, on the recorded node data
+    assert '"status": "False"' in capsys.readouterr().out
+    assert "0 of 2 nodes ready" in stable().message
+
+    assert cli.main(["stability", "interval", "llm-a", "0"]) == 0
+    assert [b.params["interval_seconds"] for b in Store().bindings("llm-a")] == [0]
+    assert cli.main(["stability", "disable", "llm-a"]) == 0
+    assert cli.main(["stability", "run", "llm-a"]) == 1
+    assert "no stability suite is bound" in capsys.readouterr().err
+    assert cli.main(["stability", "enable", "ghost"]) == 1

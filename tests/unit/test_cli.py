@@ -273,3 +273,43 @@ def test_a_malformed_command_line_exits_2(airfleet_home: Path):
     done = run("clusters", "frobnicate")
     assert done.returncode == 2
     assert b"invalid choice" in done.stderr
+
+
+# ---- policies -----------------------------------------------------------------------------
+
+ADD_NODE = {"action": "add_node", "cluster": {"name": "llm-a", "labels": {}, "spec": None,
+                                              "phase": "Running", "status": None},
+            "input": {"node": {"name": "10.0.0.9", "role": "worker"}, "workers_after": 9},
+            "health": None, "now": "2026-12-02T05:00:00+00:00", "run": None, "dry_run": False}
+
+
+def test_policies_list_show_the_shipped_policies_with_versions_and_bindings(store):
+    ok("policies", "bind", "add_node=max_nodes", "--param", "max_nodes=8")
+    rows = {r["name"]: r for r in json.loads(ok("policies", "list", "-o", "json"))}
+    assert {"max_nodes", "cap_node_pool", "allowed_gpu_models", "min_workers",
+            "maintenance_window", "required_labels"} <= set(rows)
+    assert rows["max_nodes"]["bound"] == "add_node@*" and len(rows["max_nodes"]["version"]) == 12
+    shown = json.loads(ok("policies", "show", "max_nodes"))
+    assert shown["version"] == rows["max_nodes"]["version"] and "def evaluate" in shown["source"]
+    assert shown["bindings"][0]["params"] == {"max_nodes": 8}
+    assert "no policy 'nope'" in fails("policies", "show", "nope")
+    (binding,) = json.loads(ok("policies", "bindings", "-o", "json"))
+    assert (binding["action"], binding["policy"], binding["mode"]) == \
+        ("add_node", "max_nodes", "subprocess")
+    (entry,) = json.loads(ok("policies", "audit", "-o", "json"))
+    assert entry["kind"] == "bind" and entry["actor"].startswith("cli")
+
+
+def test_policies_test_evaluates_a_request_and_exits_3_on_deny(store, tmp_path):
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(ADD_NODE))
+    denied = run("policies", "test", "max_nodes", "--request", str(path),
+                 "--param", "max_nodes=8")
+    assert denied.returncode == 3, denied.stderr.decode()
+    decision = json.loads(denied.stdout)
+    assert decision["allowed"] is False and "above max_nodes 8" in decision["reason"]
+    allowed = json.loads(ok("policies", "test", "max_nodes", "--request", "-", "--mode", "local",
+                            stdin=json.dumps(ADD_NODE).encode()))
+    assert allowed["allowed"] is True and allowed["mode"] == "local"
+    assert "not JSON" in fails("policies", "test", "max_nodes", "--request", "-", stdin=b"{")
+    assert Store().policy_audit() == []  # a test decides nothing for real

@@ -25,7 +25,9 @@ from airfleet.errors import InvalidRequest
 
 ACTIONS = ("create_cluster", "delete_cluster", "update_cluster", "onboard_cluster", "add_node",
            "remove_node", "scale_nodegroup", "deploy_endpoint", "scale_endpoint",
-           "delete_endpoint")
+           "delete_endpoint", "check_stability")
+# check_stability is no change: its policies (stability suites) judge the health checks' data,
+# and their verdict is the cluster's Stable condition (airfleet.flows.stability).
 # The input fields a policy may change, per action; any other change is refused.
 MUTABLE_INPUT: dict[str, tuple[str, ...]] = {"create_cluster": ("node_pools", "labels"),
                                              "scale_nodegroup": ("to",)}
@@ -121,6 +123,7 @@ def check_binding(binding: Binding, directory: Path | None = None) -> Binding:
                              f"{', '.join(MODES)}")
     if not 0 < binding.timeout_seconds <= 600:
         raise InvalidRequest(f"{where}: timeout_seconds must be in (0, 600]")
+    path = policy_path(binding.policy, directory)  # the name is a module name in every mode
     if binding.mode == "http":
         if not (binding.url or "").startswith(("http://", "https://")):
             raise InvalidRequest(f"{where}: mode http needs --url http(s)://... of the "
@@ -128,7 +131,6 @@ def check_binding(binding: Binding, directory: Path | None = None) -> Binding:
         return binding
     if binding.memory_mb < 64:
         raise InvalidRequest(f"{where}: memory_mb must be at least 64")
-    path = policy_path(binding.policy, directory)
     if not path.is_file():
         known = ", ".join(available(directory)) or "none"
         raise InvalidRequest(f"{where}: no policy {binding.policy!r} in {path.parent} "
