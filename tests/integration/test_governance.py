@@ -60,6 +60,22 @@ def test_a_denied_add_node_leaves_the_cluster_as_it_was(dags, fake, capfd, caplo
     assert "max_nodes 2" in denied["reason"]
 
 
+@pytest.mark.parametrize("flow", ["create", "onboard"])
+def test_a_denied_create_or_onboard_registers_nothing(dags, fake, capfd, caplog, flow):
+    bind(f"{flow}_cluster=required_labels", "--param", 'labels={"cost-center": []}')
+
+    dr = run(dags, f"airfleet_cluster_{flow}", {"cluster": SSH_CLUSTER})
+
+    assert str(dr.state) == "failed" and states(dr)["policy_precheck"] == "failed"
+    assert states(dr)["register"] == "upstream_failed"
+    assert Store().list_clusters(include_deleted=True) == [] and fake.calls() == []
+    assert Store().get_lease("llm-a").holder is None
+    assert "denied by policy: " in output(capfd, caplog)
+    (denied,) = decisions()
+    assert denied["action"] == f"{flow}_cluster" and denied["allowed"] is False
+    assert "cost-center" in denied["reason"]
+
+
 def test_an_update_is_judged_per_action_and_a_cluster_binding_wins(dags, fake, capfd, caplog):
     run(dags, "airfleet_cluster_create", {"cluster": with_workers("10.0.0.2", "10.0.0.3")})
     bind("remove_node=min_workers", "--param", "min_workers=3")  # global: keep three
