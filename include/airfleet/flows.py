@@ -105,12 +105,14 @@ def precheck(store: Store, checked: dict[str, Any], *, run: str | None,
     request as the policies changed it (checked again: a change must still be valid)."""
     name, dry_run = checked["name"], bool(checked.get("dry_run"))
     record = store.get_cluster(name)
-    decisions, changes = [], []
+    decisions, changes, bound = [], [], {}
     for action in checked["actions"]:
+        kind = action["action"]
+        if kind not in bound:  # an update may hold many add_node: read their bindings once
+            bound[kind] = store.bindings_for(name, kind)
         request = plan.policy_request(action, checked["request"], name, record, now=now(),
                                       run=run, dry_run=dry_run)
-        decided = policy.decide(store.bindings_for(name, action["action"]), action["action"],
-                                request, directory)
+        decided = policy.decide(bound[kind], kind, request, directory)
         decisions += decided
         if decided[-1].input != action["input"]:
             changes.append((action, decided[-1].input))
