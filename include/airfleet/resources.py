@@ -547,6 +547,8 @@ class ClusterStatus(BaseModel):
     conditions: list[Condition] = Field(default_factory=list)
     # Health probes that failed in a row (reset by a good one); see flows.FAILED_PROBES_TO_FAIL.
     failed_probes: int = 0
+    # When a scheduled health check last probed it (observed_at is any write's).
+    health_checked_at: datetime | None = None
     last_run_id: str | None = None
     # Cloud resources (EKS/AKS) as they came to exist: who created each, so that a failed create
     # removes only what it made.

@@ -100,7 +100,7 @@ def policy_request(action: Action, cluster: dict[str, Any] | None, name: str,
     status = record.cluster.status.model_dump(mode="json") if record is not None else None
     return {"action": action["action"],
             "cluster": {"name": name, "labels": dict(metadata.get("labels") or {}),
-                        "spec": _no_sealed((cluster or {}).get("spec")),
+                        "spec": redact_sealed((cluster or {}).get("spec")),
                         "phase": record.phase.value if record is not None else None,
                         "status": status},
             "input": copy.deepcopy(action["input"]),
@@ -120,12 +120,12 @@ def _health(status: dict[str, Any] | None) -> dict[str, Any] | None:
                              "models": dict(accelerators.get("models") or {})}}
 
 
-def _no_sealed(value: Any) -> Any:
+def redact_sealed(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: ("<sealed>" if k == "sealed" and v else _no_sealed(v))
+        return {k: ("<sealed>" if k == "sealed" and v else redact_sealed(v))
                 for k, v in value.items()}
     if isinstance(value, list):
-        return [_no_sealed(v) for v in value]
+        return [redact_sealed(v) for v in value]
     return value
 
 

@@ -214,6 +214,11 @@ class Store:
             row = s.get(LeaseRow, name)
             return _lease(row) if row else None
 
+    def leases(self) -> list[Lease]:
+        """Every cluster's lease row (held or not): one read for a whole fleet."""
+        with self.session() as s:
+            return [_lease(row) for row in s.scalars(select(LeaseRow))]
+
     def _fence(self, s: Session, name: str, token: int, holder: str | None = None) -> LeaseRow:
         lease = _locked_lease(s, name)
         if lease is None:

@@ -1,0 +1,117 @@
+"""The fleet as people read it: one summary per cluster, a detail page, filters.
+
+What the plugin API returns (and the fleet view shows). Credentials appear as references only:
+a sealed envelope in a spec is shown as ``"<sealed>"``, never its text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+from airfleet.errors import InvalidRequest
+from airfleet.policy.plan import redact_sealed
+from airfleet.resources import ClusterType, Phase, Provider
+from airfleet.store import ClusterRecord, Event, Lease, now
+
+HEALTH_DAG = "airfleet_cluster_health_check"
+
+
+def parse_filters(phase: str | None = None, type: str | None = None,  # noqa: A002 - the field
+                  provider: str | None = None, label: list[str] | None = None,
+                  name: str | None = None) -> dict[str, Any]:
+    """Query parameters -> filters; a bad one raises InvalidRequest naming it and the fix."""
+    filters: dict[str, Any] = {"name": name or None, "labels": {}}
+    for key, value, enum in (("phase", phase, Phase), ("type", type, ClusterType),
+                             ("provider", provider, Provider)):
+        if value is None:
+            continue
+        try:
+            filters[key] = enum(value)
+        except ValueError:
+            raise InvalidRequest(f"{key}: {value!r} is not one of "
+                                 f"{', '.join(e.value for e in enum)}") from None
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"label: {item!r} is not KEY=VALUE (e.g. label=team=search)")
+        filters["labels"][key] = value
+    return filters
+
+
+def matches(record: ClusterRecord, filters: dict[str, Any]) -> bool:
+    spec, labels = record.cluster.spec, record.cluster.metadata.labels
+    return all([
+        filters.get("phase") in (None, record.phase),
+        filters.get("type") in (None, spec.type),
+        filters.get("provider") in (None, spec.provider),
+        not filters.get("name") or filters["name"] in record.name,
+        all(labels.get(k) == v for k, v in filters.get("labels", {}).items()),
+    ])
+
+
+def summary(record: ClusterRecord, lease: Lease | None = None) -> dict[str, Any]:
+    """One line of the fleet: phase, nodes ready of desired, GPUs by model, health age."""
+    status, spec = record.cluster.status, record.cluster.spec
+    checked = status.health_checked_at
+    return {
+        "name": record.name, "labels": dict(record.cluster.metadata.labels),
+        "type": spec.type.value, "provider": spec.provider.value,
+        "phase": status.phase.value, "message": status.message,
+        "nodes": {"ready": sum(_ready(n.phase) for n in status.nodes),
+                  "desired": desired_nodes(record)},
+        "gpus": {"count": status.accelerators.get("count", 0),
+                 "models": dict(status.accelerators.get("models") or {})},
+        "stable": next((c.status for c in status.conditions if c.type == "Stable"), None),
+        "observed_at": _iso(status.observed_at),
+        "health_checked_at": _iso(checked),
+        "health_age_seconds": round((now() - checked).total_seconds(), 1) if checked else None,
+        "last_run": run_link(status.last_run_id),
+        "held_by": lease.holder if lease is not None and lease.held else None,
+        "generation": record.generation, "observed_generation": record.observed_generation,
+    }
+
+
+def detail(record: ClusterRecord, lease: Lease | None = None) -> dict[str, Any]:
+    """The cluster page: the summary plus its spec, nodes, accelerators and conditions."""
+    status = record.cluster.status.model_dump(mode="json")
+    return {**summary(record, lease), "uid": record.uid,
+            "created_at": _iso(record.created_at), "updated_at": _iso(record.updated_at),
+            "spec": redact_sealed(record.cluster.spec.model_dump(mode="json")),
+            "status": {k: status[k] for k in ("phase", "message", "observed_at", "nodes",
+                                             "accelerators", "conditions", "failed_probes",
+                                             "resources", "health_checked_at")}}
+
+
+def event(e: Event) -> dict[str, Any]:
+    return {**asdict(e), "at": _iso(e.at), "run": run_link(e.run_id)}
+
+
+def run_link(run_id: str | None) -> dict[str, str] | None:
+    """``<dag_id>/<run_id>`` (how Airfleet names the run that wrote) -> the run's UI page."""
+    if not run_id or "/" not in run_id:
+        return None
+    dag_id, _, run = run_id.partition("/")
+    return {"dag_id": dag_id, "run_id": run, "url": f"/dags/{dag_id}/runs/{quote(run, safe='')}"}
+
+
+def desired_nodes(record: ClusterRecord) -> int:
+    """Nodes the spec asks for: head + workers (ssh), the pools' desired sizes (EKS/AKS), else
+    the nodes last seen (an existing Kubernetes cluster's nodes are not ours to size)."""
+    cfg = record.cluster.spec.config
+    if cfg.ssh is not None:
+        return 1 + len(cfg.ssh.workers)
+    managed = cfg.eks or cfg.aks
+    if managed is not None:
+        return sum(p.desired for p in managed.node_pools)
+    return len(record.cluster.status.nodes)
+
+
+def _ready(phase: str) -> bool:
+    return phase in ("Running", "Ready")
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat() if at else None

@@ -1,0 +1,124 @@
+"""What the end-to-end tests share: driving a running Airflow over REST with the official
+client (``apache-airflow-client``) and reading Airfleet's store beside it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = {"metadata": {"name": "e2e-a"},
+           "spec": {"type": "ssh", "provider": "static",
+                    "config": {"ssh": {"head": "10.0.0.1", "workers": ["10.0.0.2"],
+                                       "credential": {"airflow_conn_id": "ssh_fleet"}}}}}
+DAG_IDS = {"airfleet_cluster_create", "airfleet_cluster_update", "airfleet_cluster_delete",
+           "airfleet_cluster_onboard", "airfleet_cluster_health_check"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"airflow exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            health = requests.get(f"{base}/api/v2/monitor/health", timeout=2).json()
+            if all(health[c]["status"] == "healthy"
+                   for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")):
+                return
+        except (requests.RequestException, ValueError, KeyError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"airflow not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def token(base: str, user: str, password: str) -> str:
+    r = requests.post(f"{base}/auth/token", json={"username": user, "password": password},
+                      timeout=10)
+    assert r.status_code == 201, r.text
+    return r.json()["access_token"]
+
+
+def trigger(client, dag_id: str, conf: dict, attempts: int = 3):
+    """Trigger a run as a REST client should on SQLite: retry Airflow's "Database error".
+
+    Airflow's api-server commits its audit-log row from an async dependency, on the event loop,
+    before the endpoint runs. When a task start (a sync execution-API request) holds SQLite's
+    write lock and waits for that loop to commit it, the audit-log insert times out after 5 s
+    and the request fails with 500 before anything was created, so a retry is safe. Only
+    SQLite's single writer does this; PostgreSQL does not.
+    """
+    import airflow_client.client as af
+    from airflow_client.client.exceptions import ServiceException
+
+    for attempt in range(attempts):
+        try:
+            return af.DagRunApi(client).trigger_dag_run(
+                dag_id, af.TriggerDAGRunPostBody(logical_date=None, conf=conf))
+        except ServiceException as err:
+            if '"Database error"' not in (err.body or "") or attempt == attempts - 1:
+                raise
+
+
+def wait_run(client, dag_id: str, run_id: str, timeout: float = 300) -> str:
+    """The run's final state; a failed run prints its failed tasks' logs (for CI)."""
+    import airflow_client.client as af
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = af.DagRunApi(client).get_dag_run(dag_id, run_id).state
+        state = str(state.value if hasattr(state, "value") else state)
+        if state == "failed":
+            print_failed_tasks(client, dag_id, run_id)
+        if state in ("success", "failed"):
+            return state
+        time.sleep(2)
+    print_failed_tasks(client, dag_id, run_id)
+    pytest.fail(f"{dag_id} {run_id} did not finish in {timeout} s")
+
+
+def print_failed_tasks(client, dag_id: str, run_id: str) -> None:
+    import airflow_client.client as af
+
+    for ti in af.TaskInstanceApi(client).get_task_instances(dag_id, run_id).task_instances:
+        state = str(getattr(ti.state, "value", ti.state))
+        print(f"task {ti.task_id}: {state}")
+        if state not in ("success", "skipped", "None"):
+            print(task_log(client, dag_id, run_id, ti.task_id, ti.try_number or 1)[-4000:])
+
+
+def task_log(client, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+    import airflow_client.client as af
+
+    content = af.TaskInstanceApi(client).get_log(dag_id, run_id, task_id, try_number,
+                                                 full_content=True).content
+    return json.dumps([c.to_dict() if hasattr(c, "to_dict") else c for c in content],
+                      default=str)
+
+
+def log_until(client, dag_id: str, run_id: str, task_id: str, text: str,
+              timeout: float = 30) -> str:
+    """The task's log once it shows ``text`` (log shipping may trail the run's end)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text_now = task_log(client, dag_id, run_id, task_id)
+        if text in text_now or time.monotonic() > deadline:
+            return text_now
+        time.sleep(1)
+
+
+def store_of(airflow):
+    from airfleet.store import Store
+
+    return Store(f"sqlite:///{airflow['home'] / 'airfleet.db'}")
