@@ -162,6 +162,19 @@ def release(store: Store, lease: LeaseRef) -> None:
                     lease.name)
 
 
+ANNOUNCED_PHASES = (Phase.RUNNING, Phase.FAILED, Phase.DELETED)
+
+
+def ended_in(store: Store, lease: LeaseRef) -> Phase | None:
+    """The phase this run left the cluster in, when it is one downstream DAGs hear about
+    (Running, Failed, Deleted); None when the run moved it to none of them."""
+    moves = [e for e in store.events(lease.name) if e.to_phase]
+    if not moves or moves[-1].run_id != lease.holder:
+        return None
+    phase = Phase(moves[-1].to_phase)
+    return phase if phase in ANNOUNCED_PHASES else None
+
+
 # ---- mutating steps -----------------------------------------------------------------------
 
 def register(store: Store, lease: LeaseRef, request: dict[str, Any],
@@ -308,6 +321,7 @@ def _check_one(store: Store, record: ClusterRecord, run_id: str,
     phase, misses, message = _verdict(record, seen)
     status = record.cluster.status.model_copy(update={
         "phase": phase, "message": message, "observed_at": started, "failed_probes": misses,
+        "health_checked_at": started,
         "nodes": seen.nodes or record.cluster.status.nodes,
         "conditions": _keep_stable(seen.conditions or record.cluster.status.conditions,
                                    record.cluster.status)})

@@ -11,12 +11,20 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import Param, TriggerRule, get_current_context, task
+from airflow.sdk import Asset, AssetAlias, Param, TriggerRule, get_current_context, task
 from airflow.sdk.bases.operator import chain
 
 from airfleet.resources import FLOW_CONF, param_schemas
 
 TAGS = ["airfleet"]
+# Every flow announces the phase it leaves a cluster in (Running, Failed, Deleted) as an event
+# of the asset ``airfleet://cluster/<name>``, through this alias: downstream DAGs schedule on
+# one cluster's asset (e.g. deploy an endpoint once it is Running).
+CLUSTERS = AssetAlias("airfleet-clusters")
+
+
+def cluster_asset(name: str) -> Asset:
+    return Asset(f"airfleet://cluster/{name}")
 DEFAULT_ARGS: dict[str, Any] = {"owner": "airfleet", "retries": 0,
                                 "retry_delay": timedelta(seconds=30)}
 
@@ -110,11 +118,19 @@ def acquire_lease(checked: dict[str, Any]) -> dict[str, Any]:
         raise permanent_error(exc) from None
 
 
-@task(trigger_rule=TriggerRule.ALL_DONE)
+@task(trigger_rule=TriggerRule.ALL_DONE, outlets=[CLUSTERS])
 def release_lease(lease: dict[str, Any]) -> None:
+    """Free the lease (whatever happened), then announce the phase the run ended in."""
     from airfleet import flows
 
-    flows.release(_store(), _lease(lease))
+    store, ref = _store(), _lease(lease)
+    flows.release(store, ref)
+    phase = flows.ended_in(store, ref)
+    if phase is not None:
+        asset = cluster_asset(ref.name)
+        get_current_context()["outlet_events"][CLUSTERS].add(
+            asset, extra={"cluster": ref.name, "phase": phase.value, "run": ref.holder})
+        print(f"asset event {asset.uri}: {phase.value}")
 
 
 @task

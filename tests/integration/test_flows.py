@@ -8,6 +8,7 @@ backend was asked to do, the lease afterwards, and the run's outcome.
 from __future__ import annotations
 
 import copy
+import json
 import secrets
 from pathlib import Path
 
@@ -265,3 +266,33 @@ def test_a_sealed_credential_goes_to_the_vault_and_its_plaintext_nowhere(dags, f
     for path in [*airfleet_home.rglob("*"), *airflow_home.rglob("*")]:
         if path.is_file():
             assert canary.encode() not in path.read_bytes(), f"canary found in {path}"
+
+
+def _asset_events(uri: str) -> list[dict]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.scalars(select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                               .where(AssetModel.uri == uri).order_by(AssetEvent.id))
+        return [dict(row.extra) for row in rows]
+
+
+def test_each_flow_announces_running_failed_and_deleted_as_cluster_asset_events(dags, fake):
+    uri = "airfleet://cluster/llm-a"
+    before = len(_asset_events(uri))  # Airflow's DB is the session's: earlier tests add theirs
+    assert str(run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER}).state) == "success"
+    fake.instruct(fail_at={"llm-a": "apply"})
+    update = json.loads(json.dumps(SSH_CLUSTER))
+    update["spec"]["config"]["ssh"]["workers"].append("10.0.0.9")
+    assert str(run(dags, "airfleet_cluster_update", {"cluster": update}).state) == "failed"
+    fake.instruct()
+    assert str(run(dags, "airfleet_cluster_delete", {"name": "llm-a"}).state) == "success"
+
+    events = _asset_events(uri)[before:]
+    assert [e["phase"] for e in events] == ["Running", "Failed", "Deleted"], events
+    assert events[0]["cluster"] == "llm-a" and events[0]["run"].startswith("airfleet_cluster_create/")
+    # A dry run changes nothing and announces nothing.
+    run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER, "dry_run": True})
+    assert len(_asset_events(uri)) == before + 3
