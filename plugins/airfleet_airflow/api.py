@@ -19,6 +19,13 @@ import functools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from airflow.api_fastapi.app import get_auth_manager
+from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
+from airflow.api_fastapi.auth.managers.models.resource_details import (
+    ConfigurationDetails,
+    DagAccessEntity,
+)
+from airflow.api_fastapi.core_api.security import get_user
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,14 +46,7 @@ app = FastAPI(
 # ---- authentication and rights (Airflow's auth manager decides) ---------------------------
 
 def _may(method: str, what: Literal["dags", "runs", "configuration"]):
-    from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.models.resource_details import (
-        ConfigurationDetails,
-        DagAccessEntity,
-    )
-    from airflow.api_fastapi.core_api.security import get_user
-
-    async def check(user: Annotated[Any, Depends(get_user)]):
+    async def check(user: Annotated[BaseUser, Depends(get_user)]):
         manager = get_auth_manager()
         if what == "configuration":
             allowed = manager.is_authorized_configuration(
@@ -161,7 +161,7 @@ def get_bindings(cluster: str | None = None) -> dict[str, Any]:
 
 
 @app.put("/api/v1/policies/bindings", summary="Set policy bindings (admins)")
-def put_bindings(body: BindingsIn, user=Admin) -> dict[str, Any]:
+def put_bindings(body: BindingsIn, user: Annotated[BaseUser, Admin]) -> dict[str, Any]:
     from airfleet import policy
 
     store = _store()
