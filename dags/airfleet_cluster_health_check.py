@@ -2,7 +2,9 @@
 ### Health check of the fleet
 
 Every 5 minutes (no catchup, one run at a time), or on demand with `{"names": [...]}`.
-Probes every managed cluster read-only and applies Running <-> Failed with the reason. Takes
+Probes every managed cluster read-only, concurrently in this one task (at most
+`AIRFLEET_HEALTH_CONCURRENCY` at once, each for at most `AIRFLEET_HEALTH_TIMEOUT_SECONDS`), and
+applies Running <-> Failed with the reason. Takes
 no lease: a cluster held by a running flow is skipped, and an older observation never
 overwrites a newer status.
 """
@@ -18,6 +20,9 @@ from airfleet_airflow import flow
 
 @task
 def check_fleet() -> dict[str, str]:
+    import time
+    from collections import Counter
+
     from airflow.sdk import get_current_context
 
     from airfleet import flows
@@ -27,10 +32,14 @@ def check_fleet() -> dict[str, str]:
 
     ctx = get_current_context()
     conf = parse_conf(HealthCheckConf, {"names": ctx["params"].get("names")})
+    started = time.monotonic()
     outcomes = flows.health_check(Store(), f"{ctx['dag'].dag_id}/{ctx['run_id']}", conf.names,
                                   clients_for)
     for name, outcome in sorted(outcomes.items()):
         print(f"{name}: {outcome}")
+    counts = Counter(o.split(":")[0] for o in outcomes.values())
+    print(f"checked {len(outcomes)} clusters in {time.monotonic() - started:.1f} s: "
+          + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
     return outcomes
 
 

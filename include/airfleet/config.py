@@ -42,3 +42,13 @@ def ready_inline_seconds() -> float:
 
 def cloud_poll_seconds() -> float:
     return float(os.environ.get("AIRFLEET_CLOUD_POLL_SECONDS") or 30)
+
+
+def health_concurrency() -> int:
+    """How many clusters one health check probes at once."""
+    return int(os.environ.get("AIRFLEET_HEALTH_CONCURRENCY", "50"))
+
+
+def health_timeout() -> float:
+    """Seconds one cluster's health probe may take before it counts as failed."""
+    return float(os.environ.get("AIRFLEET_HEALTH_TIMEOUT_SECONDS", "20"))

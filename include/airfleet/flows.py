@@ -14,6 +14,7 @@ Shape of a mutating flow (the DAGs in ``dags/`` wire these as tasks)::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -290,34 +291,70 @@ FAILED_PROBES_TO_FAIL = 2
 
 
 def health_check(store: Store, run_id: str, names: list[str] | None = None,
-                 clients_for: ClientsFor | None = None) -> dict[str, str]:
-    """Probe every managed cluster (or ``names``) and apply Running <-> Failed.
+                 clients_for: ClientsFor | None = None, *, concurrency: int | None = None,
+                 timeout: float | None = None) -> dict[str, str]:
+    """Probe every managed cluster (or ``names``) concurrently and apply Running <-> Failed.
 
-    Clusters held by a running flow or in a transient phase are skipped; an observation older
-    than the recorded status never overwrites it. Returns ``{name: outcome}``."""
-    outcomes: dict[str, str] = {}
-    for record in store.list_clusters():
-        if names and record.name not in names:
-            continue
-        outcomes[record.name] = _check_one(store, record, run_id, clients_for)
+    At most ``concurrency`` probes run at once, each for at most ``timeout`` seconds (a probe
+    still running then is a failed check), and each status is written as its probe ends, so
+    a slow cluster delays no other. Clusters held by a running flow or in a transient phase are
+    skipped; an observation older than the recorded status never overwrites it. Returns
+    ``{name: outcome}``."""
+    records = [r for r in store.list_clusters() if not names or r.name in names]
+    leases = {lease.name: lease for lease in store.leases()}
+    outcomes = asyncio.run(_check_all(
+        store, records, leases, run_id, clients_for,
+        concurrency or config.health_concurrency(), timeout or config.health_timeout()))
     for missing in sorted(set(names or []) - set(outcomes)):
         outcomes[missing] = "not registered"
     return outcomes
 
 
-def _check_one(store: Store, record: ClusterRecord, run_id: str,
-               clients_for: ClientsFor | None) -> str:
+async def _check_all(store: Store, records: list[ClusterRecord], leases: dict[str, Any],
+                     run_id: str, clients_for: ClientsFor | None, concurrency: int,
+                     timeout: float) -> dict[str, str]:
+    slots, outcomes = asyncio.Semaphore(concurrency), {}
+
+    async def check(record: ClusterRecord) -> None:
+        skipped = _skip_reason(record, leases.get(record.name))
+        if skipped:
+            outcomes[record.name] = skipped
+            return
+        async with slots:
+            started = now()
+            seen = await _probe(record, run_id, clients_for, timeout)
+            outcomes[record.name] = _record_probe(store, record, seen, started, run_id)
+
+    await asyncio.gather(*(check(r) for r in records))
+    return outcomes
+
+
+def _skip_reason(record: ClusterRecord, lease: Any) -> str | None:
     if record.phase in lifecycle.TRANSIENT or record.phase is Phase.PENDING:
         return f"skipped: {record.phase}"
-    lease = store.get_lease(record.name)
     if lease is not None and lease.held:
         return f"skipped: held by {lease.holder}"
-    started = now()
+    return None
+
+
+async def _probe(record: ClusterRecord, run_id: str, clients_for: ClientsFor | None,
+                 timeout: float) -> Observation:
+    """One cluster's probe, read-only; a probe that breaks or overruns is a failed check."""
+    async def observe() -> Observation:
+        clients = await asyncio.to_thread(clients_for, record.cluster) if clients_for else {}
+        ctx = BackendContext(run_id, clients=clients)
+        return await get_backend(record.cluster.spec.type).health_async(record.cluster, ctx)
+
     try:
-        ctx = BackendContext(run_id, clients=clients_for(record.cluster) if clients_for else {})
-        seen = get_backend(record.cluster.spec.type).health(record.cluster, ctx)
+        return await asyncio.wait_for(observe(), timeout)
+    except TimeoutError:
+        return Observation(healthy=False, message=f"health probe timed out after {timeout:g}s")
     except Exception as exc:  # a probe that breaks is a failed check, not a failed run
-        seen = Observation(healthy=False, message=f"health probe failed: {exc}")
+        return Observation(healthy=False, message=f"health probe failed: {exc}")
+
+
+def _record_probe(store: Store, record: ClusterRecord, seen: Observation, started,
+                  run_id: str) -> str:
     phase, misses, message = _verdict(record, seen)
     status = record.cluster.status.model_copy(update={
         "phase": phase, "message": message, "observed_at": started, "failed_probes": misses,

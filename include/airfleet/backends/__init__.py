@@ -11,6 +11,7 @@ Backends are found through an explicit registry (:data:`BUILTIN`), plus ``AIRFLE
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import os
@@ -143,6 +144,11 @@ class Backend:
     def health(self, cluster: Cluster, ctx: BackendContext) -> Observation:
         """Probe the cluster read-only."""
         raise self._unsupported("health")
+
+    async def health_async(self, cluster: Cluster, ctx: BackendContext) -> Observation:
+        """:meth:`health`, awaitable, so one task probes a whole fleet concurrently. By default
+        in a worker thread (a sync client); a backend with async I/O overrides it."""
+        return await asyncio.to_thread(self.health, cluster, ctx)
 
     def detect_accelerators(self, cluster: Cluster, ctx: BackendContext) -> dict[str, Any]:
         raise self._unsupported("detect_accelerators")

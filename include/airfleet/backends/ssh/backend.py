@@ -76,6 +76,9 @@ class SSHBackend(Backend):
     def health(self, cluster: Cluster, ctx: BackendContext) -> Observation:
         return run_sync(_Run(cluster, ctx).observe(report=False))
 
+    async def health_async(self, cluster: Cluster, ctx: BackendContext) -> Observation:
+        return await _Run(cluster, ctx).observe(report=False)
+
     def detect_accelerators(self, cluster: Cluster, ctx: BackendContext) -> dict[str, Any]:
         return run_sync(_Run(cluster, ctx).detect_accelerators())
 

@@ -6,12 +6,21 @@ head, an HTTP probe answers (or fails) in a few seconds.
 
 from __future__ import annotations
 
+import functools
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 PROBE_TIMEOUT = 5.0
+
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context for every client: httpx builds (and loads CA files into) a new one per
+    client otherwise, which dominated a fleet-wide health check's CPU time."""
+    return httpx.create_ssl_context()
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,7 @@ def gcs_healthy(base_url: str, timeout: float = PROBE_TIMEOUT) -> bool:
 
 async def async_gcs_healthy(base_url: str, timeout: float = PROBE_TIMEOUT) -> bool:
     try:
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with httpx.AsyncClient(timeout=timeout, verify=_tls()) as client:
             r = await client.get(f"{base_url}/api/gcs_healthz")
     except httpx.HTTPError:
         return False
@@ -55,7 +64,7 @@ def list_nodes(base_url: str, timeout: float = PROBE_TIMEOUT) -> list[RayNode]:
 
 
 async def async_list_nodes(base_url: str, timeout: float = PROBE_TIMEOUT) -> list[RayNode]:
-    async with httpx.AsyncClient(timeout=timeout) as client:
+    async with httpx.AsyncClient(timeout=timeout, verify=_tls()) as client:
         r = await client.get(f"{base_url}/api/v0/nodes", params={"limit": 10000})
         r.raise_for_status()
         return parse_nodes(r.json())
