@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,8 @@ from pydantic import ValidationError
 
 from airfleet import config, lifecycle, policy
 from airfleet.backends import BackendContext, Observation, get_backend
-from airfleet.errors import ClusterUnhealthy, Conflict, InvalidRequest
-from airfleet.policy import plan
+from airfleet.errors import ClusterUnhealthy, Conflict, InvalidRequest, NotFound
+from airfleet.policy import Binding, plan
 from airfleet.resources import (
     FLOW_CONF,
     CloudResource,
@@ -302,8 +304,9 @@ def health_check(store: Store, run_id: str, names: list[str] | None = None,
     ``{name: outcome}``."""
     records = [r for r in store.list_clusters() if not names or r.name in names]
     leases = {lease.name: lease for lease in store.leases()}
+    suites = _bindings_of(store, "check_stability")
     outcomes = asyncio.run(_check_all(
-        store, records, leases, run_id, clients_for,
+        store, records, leases, suites, run_id, clients_for,
         concurrency or config.health_concurrency(), timeout or config.health_timeout()))
     for missing in sorted(set(names or []) - set(outcomes)):
         outcomes[missing] = "not registered"
@@ -311,8 +314,14 @@ def health_check(store: Store, run_id: str, names: list[str] | None = None,
 
 
 async def _check_all(store: Store, records: list[ClusterRecord], leases: dict[str, Any],
-                     run_id: str, clients_for: ClientsFor | None, concurrency: int,
+                     suites: Callable[[str], list[Binding]], run_id: str,
+                     clients_for: ClientsFor | None, concurrency: int,
                      timeout: float) -> dict[str, str]:
+    # asyncio's own pool has min(32, cpus + 4) threads (6 here): sync probes (the default
+    # health_async) and clients_for would queue behind each other and time out waiting.
+    # A sync probe past its timeout keeps its thread until its call returns.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(concurrency, thread_name_prefix="airfleet-health"))
     slots, outcomes = asyncio.Semaphore(concurrency), {}
 
     async def check(record: ClusterRecord) -> None:
@@ -323,7 +332,10 @@ async def _check_all(store: Store, records: list[ClusterRecord], leases: dict[st
         async with slots:
             started = now()
             seen = await _probe(record, run_id, clients_for, timeout)
-            outcomes[record.name] = _record_probe(store, record, seen, started, run_id)
+            status, flipped = await _judged(suites(record.name), record,
+                                            _probed_status(record, seen, started), run_id)
+            # Written on the loop: from a thread, GIL hand-offs cost more than the write.
+            outcomes[record.name] = _write_probe(store, record, status, flipped, run_id)
 
     await asyncio.gather(*(check(r) for r in records))
     return outcomes
@@ -353,24 +365,47 @@ async def _probe(record: ClusterRecord, run_id: str, clients_for: ClientsFor | N
         return Observation(healthy=False, message=f"health probe failed: {exc}")
 
 
-def _record_probe(store: Store, record: ClusterRecord, seen: Observation, started,
-                  run_id: str) -> str:
+def _probed_status(record: ClusterRecord, seen: Observation, started: datetime,
+                   ) -> ClusterStatus:
     phase, misses, message = _verdict(record, seen)
-    status = record.cluster.status.model_copy(update={
+    return record.cluster.status.model_copy(update={
         "phase": phase, "message": message, "observed_at": started, "failed_probes": misses,
         "health_checked_at": started,
         "nodes": seen.nodes or record.cluster.status.nodes,
         "conditions": _keep_stable(seen.conditions or record.cluster.status.conditions,
                                    record.cluster.status)})
-    status, flipped = _with_stability(store, record, status, run_id)
+
+
+async def _judged(suite: list[Binding], record: ClusterRecord, status: ClusterStatus,
+                  run_id: str) -> tuple[ClusterStatus, Condition | None]:
+    """:func:`_with_stability` off the event loop (a suite's policies may run in
+    subprocesses), and without a thread hop when no suite is bound."""
+    if not suite:
+        return status, None
+    return await asyncio.to_thread(_with_stability, suite, record, status, run_id)
+
+
+def _write_probe(store: Store, record: ClusterRecord, status: ClusterStatus,
+                 flipped: Condition | None, run_id: str) -> str:
     try:
         written = store.set_status(record.name, status, reason="HealthCheck", run_id=run_id,
                                    expected_version=record.version, only_if_newer=True)
     except Conflict:  # a flow wrote meanwhile: its status is newer than this probe
         return "skipped: changed while probing"
+    except NotFound:  # deleted meanwhile (its lease was free when this run looked)
+        return "skipped: deleted while probing"
     if written and flipped:
         _record_stability(store, record.name, flipped, run_id)
-    return phase.value if written else "skipped: a newer status is recorded"
+    return status.phase.value if written else "skipped: a newer status is recorded"
+
+
+def _bindings_of(store: Store, action: str) -> Callable[[str], list[Binding]]:
+    """``store.bindings_for(name, action)`` for every cluster, from one read of the store."""
+    scopes: dict[str | None, list[Binding]] = {}
+    for binding in store.bindings(every_scope=True):
+        if binding.action == action:
+            scopes.setdefault(binding.cluster, []).append(binding)
+    return lambda name: scopes.get(name) or scopes.get(None, [])
 
 
 # ---- stability ----------------------------------------------------------------------------
@@ -382,10 +417,11 @@ def check_stability(store: Store, name: str, *, run_id: str | None = None) -> Co
     """Evaluate ``name``'s stability suite now, on its recorded health data ("run now"), and
     write the Stable condition. Raises :class:`InvalidRequest` when no suite is bound."""
     record = store.require_cluster(name)
-    if not store.bindings_for(name, "check_stability"):
+    suite = store.bindings_for(name, "check_stability")
+    if not suite:
         raise InvalidRequest(f"cluster {name}: no stability suite is bound; run "
                              f"`airfleet stability enable {name}` first")
-    status, flipped = _with_stability(store, record, record.cluster.status, run_id, due=True)
+    status, flipped = _with_stability(suite, record, record.cluster.status, run_id, due=True)
     condition = _stable(status)
     store.set_status(name, status, reason="StabilityCheck", run_id=run_id,
                      expected_version=record.version)
@@ -394,12 +430,11 @@ def check_stability(store: Store, name: str, *, run_id: str | None = None) -> Co
     return condition
 
 
-def _with_stability(store: Store, record: ClusterRecord, status: ClusterStatus,
+def _with_stability(bindings: list[Binding], record: ClusterRecord, status: ClusterStatus,
                     run_id: str | None, *, due: bool = False,
                     ) -> tuple[ClusterStatus, Condition | None]:
-    """``status`` with a fresh Stable condition when a suite is bound and its interval has
-    passed (``due``: now anyway), and that condition when the verdict changed."""
-    bindings = store.bindings_for(record.name, "check_stability")
+    """``status`` with a fresh Stable condition when a suite (``bindings``) is bound and its
+    interval has passed (``due``: now anyway), and that condition when the verdict changed."""
     previous, at = _stable(status), now()
     if not bindings:
         return status, None

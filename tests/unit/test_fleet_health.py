@@ -1,5 +1,5 @@
-"""One health check probes the whole fleet concurrently: against simulated Ray dashboards on
-loopback (healthy, failing, slow, hanging), with the real SSH backend's async probe."""
+"""One health check probes the whole fleet concurrently: the real SSH backend's async probe
+against simulated Ray dashboards on loopback (healthy, failing, broken, slow, hanging)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from airfleet import flows
 from airfleet.store import Store
 from tests.fakes.ray_dashboards import RayDashboards, register_fleet
 
+MIX = {"healthy": 0.4, "failing": 0.2, "broken": 0.1, "slow": 0.2, "hanging": 0.1}
+
 
 @pytest.fixture
 def store(airfleet_home, monkeypatch):
@@ -20,31 +22,35 @@ def store(airfleet_home, monkeypatch):
     return s
 
 
+def _messages(store: Store, fleet: dict[str, str], behaviour: str) -> set[str]:
+    return {store.require_cluster(name).cluster.status.message
+            for name, b in fleet.items() if b == behaviour and name != "fleet-0000"}
+
+
 def test_a_fleet_is_probed_concurrently_and_a_hanging_cluster_only_times_out(store):
-    mix = {"healthy": 0.5, "failing": 0.25, "slow": 0.125, "hanging": 0.125}
-    with RayDashboards({}, slow_seconds=1.0) as dashboards:
-        dashboards.heads.update(register_fleet(store, 16, dashboards.port, mix))
+    with RayDashboards(slow_seconds=0.5) as dashboards:
+        fleet = register_fleet(store, 20, dashboards.port, MIX)
         lease = store.acquire_lease("fleet-0000", "update/1")  # a flow holds this one
         started = time.monotonic()
-        outcomes = flows.health_check(store, "health/1", concurrency=16, timeout=3.0)
+        first = flows.health_check(store, "health/1", concurrency=20, timeout=1.5)
         elapsed = time.monotonic() - started
+        store.release_lease("fleet-0000", "update/1", lease.token)
+        second = flows.health_check(store, "health/2", concurrency=20, timeout=1.5)
 
-    # 2 slow (1 s) and 2 hanging (3 s timeout) clusters: one timeout's wait, not a sum.
-    assert elapsed < 6, elapsed
-    assert outcomes.pop("fleet-0000") == "skipped: held by update/1"
-    store.release_lease("fleet-0000", "update/1", lease.token)
-    by_probe = {}
-    for record in store.list_clusters():
-        if record.name in outcomes:
-            by_probe.setdefault(record.cluster.metadata.labels["probe"], set()).add(
-                (outcomes[record.name], record.cluster.status.message.split(":")[0]))
-    # A Running cluster turns Failed only on its second failed probe in a row.
-    assert {o for o, _ in by_probe["healthy"] | by_probe["slow"]} == {"Running"}
-    assert {o for o, _ in by_probe["failing"] | by_probe["hanging"]} == {"Running"}
-    hanging = [r for r in store.list_clusters() if r.cluster.metadata.labels["probe"] == "hanging"]
-    assert all("timed out after 3s" in r.cluster.status.message for r in hanging)
-    failing = [r for r in store.list_clusters() if r.cluster.metadata.labels["probe"] == "failing"]
-    assert all("worker 10.77." in r.cluster.status.message and "not ALIVE" in
-               r.cluster.status.message for r in failing)
-    assert all(r.cluster.status.health_checked_at is not None
-               for r in store.list_clusters() if r.name != "fleet-0000")
+    # 4 slow (0.5 s) and 2 hanging (1.5 s timeout) clusters: one timeout's wait, not a sum.
+    assert elapsed < 3, elapsed
+    assert first.pop("fleet-0000") == "skipped: held by update/1"
+    assert set(first.values()) == {"Running"}  # one failed probe does not flip a cluster
+    assert {second[n] for n, b in fleet.items() if b in ("healthy", "slow")} == {"Running"}
+    assert {second[n] for n, b in fleet.items() if b not in ("healthy", "slow")} == {"Failed"}
+
+    port = dashboards.port
+    assert _messages(store, fleet, "healthy") | _messages(store, fleet, "slow") == \
+        {"all 2 nodes ALIVE"}
+    assert _messages(store, fleet, "failing") == {
+        f"worker 10.21.0.{i}: Ray node not ALIVE; host not probed" for i in (1, 2, 3, 4)}
+    assert _messages(store, fleet, "broken") == {
+        f"head 127.22.0.{i}: Ray GCS not answering at http://127.22.0.{i}:{port} "
+        "(host not probed)" for i in (1, 2)}
+    assert _messages(store, fleet, "hanging") == {"health probe timed out after 1.5s"}
+    assert all(r.cluster.status.health_checked_at is not None for r in store.list_clusters())

@@ -3,6 +3,10 @@ mid-way, loses its lease, or races a health check."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+
 import pytest
 
 from airfleet import flows
@@ -30,6 +34,41 @@ class RacingBackend(RecordingBackend):
         return Observation(healthy=False, message="probe says down")
 
 
+class SleepyBackend(RecordingBackend):
+    """A sync probe (the default ``health_async`` runs it in a thread) that takes 0.5 s."""
+
+    def health(self, cluster, ctx):
+        time.sleep(0.5)
+        return super().health(cluster, ctx)
+
+
+class HangingBackend(RecordingBackend):
+    """An async probe: cluster ``stuck`` never answers, ``slow`` answers once every other
+    cluster's status is written (so it sees whether writes wait for the slowest probe)."""
+
+    async def health_async(self, cluster, ctx):
+        if cluster.name == "stuck":
+            await asyncio.sleep(3600)
+        if cluster.name == "slow":
+            for _ in range(40):
+                others = [r for r in Store().list_clusters() if r.name not in ("slow", "stuck")]
+                if all(r.cluster.status.last_run_id == ctx.run_id for r in others):
+                    return Observation(healthy=True, message="the others were written first")
+                await asyncio.sleep(0.05)
+            return Observation(healthy=False, message="the others waited for this probe")
+        return self.health(cluster, ctx)
+
+
+class DeletingBackend(RecordingBackend):
+    """Its cluster is deleted by a flow while the probe runs."""
+
+    def health(self, cluster, ctx):
+        store = Store()
+        store.set_status(cluster.name, ClusterStatus(phase=Phase.DELETED), reason="Deleted",
+                         run_id="delete/1")
+        return Observation(healthy=True, message="was fine")
+
+
 @pytest.fixture
 def store(airfleet_home, monkeypatch):
     monkeypatch.setenv("AIRFLEET_BACKENDS", "ssh=tests.fakes.recording_backend:RecordingBackend")
@@ -38,9 +77,9 @@ def store(airfleet_home, monkeypatch):
     return s
 
 
-def _running(store: Store) -> None:
-    lease = flows.acquire(store, "llm-a", "create/1")
-    flows.register(store, lease, REQUEST)
+def _running(store: Store, name: str = "llm-a") -> None:
+    lease = flows.acquire(store, name, "create/1")
+    flows.register(store, lease, {**REQUEST, "metadata": {"name": name}})
     flows.finish(store, lease, Phase.RUNNING, "Created")
     flows.release(store, lease)
 
@@ -152,3 +191,78 @@ def test_one_missed_probe_does_not_flip_a_running_cluster(store, monkeypatch, tm
     phases = [(e.from_phase, e.to_phase) for e in store.events("llm-a") if e.kind == "Transition"]
     # the second identical failure is no news: no Failed -> Failed entry for it
     assert phases[-2:] == [("Running", "Failed"), ("Failed", "Running")]
+
+
+def _fleet(store: Store, monkeypatch, backend: type, names: list[str]) -> None:
+    for name in names:
+        _running(store, name)
+    monkeypatch.setenv("AIRFLEET_BACKENDS", f"ssh=tests.unit.test_flows:{backend.__name__}")
+
+
+def _timed(store: Store, **kwargs) -> tuple[dict[str, str], float]:
+    started = time.monotonic()
+    outcomes = flows.health_check(store, "health/1", **kwargs)
+    return outcomes, time.monotonic() - started
+
+
+def test_a_fleet_is_probed_concurrently_at_most_concurrency_at_once(store, monkeypatch):
+    names = [f"llm-{i}" for i in range(30)]
+    _fleet(store, monkeypatch, SleepyBackend, names)
+
+    outcomes, took = _timed(store, concurrency=30, timeout=5)
+    # 30 probes of 0.5 s: about one probe's time (asyncio's own 6 threads would take 2.5 s)
+    assert took < 1.5
+    assert outcomes == dict.fromkeys(names, "Running")
+    assert {store.require_cluster(n).cluster.status.message for n in names} == \
+        {"fake probe: healthy"}
+    assert _timed(store, names=names[:4], concurrency=2, timeout=5)[1] >= 1.0  # 2 rounds
+
+
+def test_a_hanging_cluster_times_out_and_a_slow_one_waits_for_no_write(store, monkeypatch):
+    names = ["stuck", "slow", *(f"llm-{i}" for i in range(8))]
+    _fleet(store, monkeypatch, HangingBackend, names)
+
+    outcomes, took = _timed(store, concurrency=10, timeout=1.5)
+    assert took < 3
+    assert outcomes == dict.fromkeys(names, "Running")  # one failed probe does not flip it
+    stuck = store.require_cluster("stuck").cluster.status
+    assert stuck.failed_probes == 1
+    assert stuck.message == ("probe failed (1 of 2 before Failed): health probe timed out "
+                             "after 1.5s")
+    assert store.require_cluster("slow").cluster.status.message == \
+        "the others were written first"
+
+
+def test_held_pending_and_deleted_clusters_are_skipped_and_never_probed(store, monkeypatch,
+                                                                         tmp_path):
+    for name in ("llm-a", "llm-b"):
+        _running(store, name)
+    flows.acquire(store, "llm-b", "update/7")
+    flows.register(store, flows.acquire(store, "llm-c", "create/2"),
+                   {**REQUEST, "metadata": {"name": "llm-c"}})  # Pending, its create runs
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("AIRFLEET_FAKE_BACKEND_LOG", str(calls))
+
+    assert flows.health_check(store, "health/1") == {
+        "llm-a": "Running", "llm-b": "skipped: held by update/7", "llm-c": "skipped: Pending"}
+    assert [json.loads(line)["cluster"] for line in calls.read_text().splitlines()] == ["llm-a"]
+
+    monkeypatch.setenv("AIRFLEET_BACKENDS", "ssh=tests.unit.test_flows:DeletingBackend")
+    assert flows.health_check(store, "health/2", ["llm-a"]) == {
+        "llm-a": "skipped: deleted while probing"}
+
+
+def test_clients_that_cannot_be_built_fail_that_clusters_probe_only(store):
+    for name in ("llm-a", "llm-b"):
+        _running(store, name)
+
+    def clients_for(cluster):
+        if cluster.name == "llm-b":
+            raise RuntimeError("connection ssh_fleet has no private key")
+        return {}
+
+    assert flows.health_check(store, "health/1", clients_for=clients_for) == {
+        "llm-a": "Running", "llm-b": "Running"}
+    assert store.require_cluster("llm-b").cluster.status.message == (
+        "probe failed (1 of 2 before Failed): health probe failed: connection ssh_fleet has "
+        "no private key")
