@@ -4,8 +4,8 @@ Each cluster is a static-nodes cluster (head + 1 worker) whose head is its own l
 (127.20-24.x.y); its probe is the real SSH backend's async probe (``health_async``: Ray
 dashboard GCS health, then the nodes) against simulated dashboards served by a child process
 (tests/fakes/ray_dashboards.py): 70% healthy, 10% failing (the worker DEAD), 5% broken (500),
-10% slow (answer after 2 s), 5% hanging (never answer; the per-cluster timeout of 5 s ends
-them). No SSH client is given (``clients_for`` None), so a missing node's reachability is
+10% slow (each answer after 1 s: a probe asks twice, so ~2 s), 5% hanging (never answer; the
+per-cluster timeout of 5 s ends them). At most 50 probes run at once. No SSH client is given (``clients_for`` None), so a missing node's reachability is
 "host not probed": no SSH connection is part of the cost. The store is SQLite, as `make
 run`'s. Each fleet is checked twice: the first check (every failed probe is a first miss: the
 cluster stays Running) and the next one (those clusters turn Failed).
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.benchmark
 RESULTS = Path(__file__).resolve().parent / "results" / "health_fleet.json"
 MIX = {"healthy": 0.70, "failing": 0.10, "broken": 0.05, "slow": 0.10, "hanging": 0.05}
 SIZES = (100, 300, 1000)
-TIMEOUT, CONCURRENCY, SLOW_SECONDS = 5.0, 50, 2.0
+TIMEOUT, CONCURRENCY, SLOW_SECONDS = 5.0, 50, 1.0
 
 
 def _check(store: Store, run_id: str) -> dict:
