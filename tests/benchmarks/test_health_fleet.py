@@ -7,8 +7,9 @@ dashboard GCS health, then the nodes) against simulated dashboards served by a c
 10% slow (each answer after 1 s: a probe asks twice, so ~2 s), 5% hanging (never answer; the
 per-cluster timeout of 5 s ends them). At most 50 probes run at once. No SSH client is given
 (``clients_for`` None), so a missing node's reachability is "host not probed": no SSH
-connection is part of the cost. The store is SQLite, as `make run`'s. Each fleet is checked twice: the first check (every failed probe is a first miss: the
-cluster stays Running) and the next one (those clusters turn Failed).
+connection is part of the cost. The store is SQLite, as `make run`'s. Each fleet is checked
+twice: the first check (every failed probe is a first miss: the cluster stays Running) and the
+next one (those clusters turn Failed).
 
 Prints the figures and writes them to ``tests/benchmarks/results/health_fleet.json``; asserts
 nothing about time (goal: 1,000 clusters under 60 s, cost growing linearly).
