@@ -38,6 +38,9 @@ def api(airflow_db, airfleet_home, monkeypatch, tmp_path):
     monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
                        ",".join(f"{u}:{r}" for u, r in USERS.items()))
     monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(passwords))
+    # Airflow generates this into airflow.cfg only on some code paths; a suite that reached
+    # none of them before this test has none ("api_auth/jwt_secret must be set").
+    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "airfleet-test-jwt-secret-0123456789abcdef")
     from airfleet_airflow import api as plugin_api
 
     plugin_api._store.cache_clear()  # the store of this test's home
