@@ -20,6 +20,9 @@ os.environ.update({
     "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
     "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    # Airflow writes a generated secret into airflow.cfg only on some code paths; a suite
+    # that reached none before an api-server app is built has none ("jwt_secret must be set").
+    "AIRFLOW__API_AUTH__JWT_SECRET": "airfleet-tests-" + uuid.uuid4().hex * 2,
 })
 
 PG_ADMIN_URL = os.environ.get("AIRFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

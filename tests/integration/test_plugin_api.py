@@ -28,30 +28,36 @@ def _cluster(name: str, labels: dict | None = None, workers: int = 1) -> Cluster
                                     "credential": {"airflow_conn_id": "ssh_fleet"}}}}})
 
 
-@pytest.fixture
-def api(airflow_db, airfleet_home, monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def app_client(airflow_db, tmp_path_factory):
+    """Airflow's api-server app, built once for the module (``create_app`` costs ~2 s)."""
     from airflow.api_fastapi.app import create_app, purge_cached_app
     from fastapi.testclient import TestClient
 
-    passwords = tmp_path / "passwords.json"
+    passwords = tmp_path_factory.mktemp("plugin-api") / "passwords.json"
     passwords.write_text(json.dumps({u: f"{u}-pw" for u in USERS}))
-    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
-                       ",".join(f"{u}:{r}" for u, r in USERS.items()))
-    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(passwords))
-    # Airflow generates this into airflow.cfg only on some code paths; a suite that reached
-    # none of them before this test has none ("api_auth/jwt_secret must be set").
-    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "airfleet-test-jwt-secret-0123456789abcdef")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
+                   ",".join(f"{u}:{r}" for u, r in USERS.items()))
+        env.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(passwords))
+        purge_cached_app()
+        with TestClient(create_app()) as client:
+            yield client
+        purge_cached_app()
+
+
+@pytest.fixture
+def api(app_client, airfleet_home):
+    """The app over a fresh store and vault of this test's own (the plugin reads the store's
+    URL from the environment when first asked)."""
     from airfleet_airflow import api as plugin_api
 
-    plugin_api._store.cache_clear()  # the store of this test's home
+    plugin_api._store.cache_clear()
     store = Store()
     store.migrate()
     crypto.init_keys()
-    purge_cached_app()
-    with TestClient(create_app()) as client:
-        client.store = store
-        yield client
-    purge_cached_app()
+    app_client.store = store
+    yield app_client
     plugin_api._store.cache_clear()
 
 
