@@ -94,8 +94,8 @@ def print_failed_tasks(client, dag_id: str, run_id: str) -> None:
     for ti in af.TaskInstanceApi(client).get_task_instances(dag_id, run_id).task_instances:
         state = str(getattr(ti.state, "value", ti.state))
         print(f"task {ti.task_id}: {state}")
-        if state not in ("success", "skipped", "None"):
-            print(task_log(client, dag_id, run_id, ti.task_id, ti.try_number or 1)[-4000:])
+        if state == "failed" and ti.try_number:  # the others never ran: no log to show
+            print(task_log(client, dag_id, run_id, ti.task_id, ti.try_number)[-4000:])
 
 
 def task_log(client, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
