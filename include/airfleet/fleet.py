@@ -6,6 +6,7 @@ a sealed envelope in a spec is shown as ``"<sealed>"``, never its text.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -115,3 +116,45 @@ def _ready(phase: str) -> bool:
 
 def _iso(at: datetime | None) -> str | None:
     return at.isoformat() if at else None
+
+
+NOTE_LIMIT = 1000  # Airflow's dag_run_note.content
+
+
+def run_note(events: list[Event], *, failed_tasks: Sequence[str] = (),
+             dry_run: bool = False) -> str:
+    """The note Airflow shows on a run: where it failed, then what it changed cluster by
+    cluster (its path through the phases, why it ended there, what else happened to it)."""
+    by_cluster: dict[str, list[Event]] = {}
+    for e in events:
+        by_cluster.setdefault(e.cluster, []).append(e)
+    lines = [f"Failed at {', '.join(failed_tasks)}."] if failed_tasks else []
+    lines += [_cluster_line(name, evs) for name, evs in by_cluster.items()] or [
+        "Nothing changed" + (" (dry run)." if dry_run else ".")]
+    kept, size = [], 0
+    for line in lines:
+        if size + len(line) > NOTE_LIMIT - 40:
+            kept.append(f"… and {len(lines) - len(kept)} more.")
+            break
+        kept.append(line)
+        size += len(line) + 1
+    return "\n".join(kept)
+
+
+def _cluster_line(name: str, events: list[Event]) -> str:
+    moves = [e for e in events if e.to_phase]
+    parts = []
+    if moves:
+        first, last = moves[0], moves[-1]
+        path = " → ".join(([first.from_phase] if first.from_phase else []) +
+                          [e.to_phase for e in moves])
+        why = last.message if last.message and last.message != last.reason else ""
+        parts.append(f"{path} ({why})" if why else path)
+    others: dict[str, int] = {}
+    for e in events:
+        if not e.to_phase:
+            others[e.reason] = others.get(e.reason, 0) + 1
+    if others:
+        parts.append(", ".join(f"{n} {reason}" if n > 1 else reason
+                               for reason, n in others.items()))
+    return f"{name}: {'; '.join(parts)}"

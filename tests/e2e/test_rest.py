@@ -61,12 +61,17 @@ def test_a_viewer_cannot_trigger(airflow, dags_parsed):
 
 
 def test_create_then_delete_over_rest(client, dags_parsed, airflow):
+    import airflow_client.client as af
+
     run = trigger(client, "airfleet_cluster_create", {"cluster": CLUSTER})
     assert wait_run(client, "airfleet_cluster_create", run.dag_run_id) == "success"
     assert "lease on cluster e2e-a taken" in task_log(client, "airfleet_cluster_create",
                                                   run.dag_run_id, "acquire_lease")
     record = store_of(airflow).require_cluster("e2e-a")
     assert record.phase.value == "Running" and len(record.cluster.status.nodes) == 2
+    # The scheduler wrote the run's note when the run ended.
+    note = af.DagRunApi(client).get_dag_run("airfleet_cluster_create", run.dag_run_id).note
+    assert note == "e2e-a: Pending → Provisioning → Running", note
 
     run = trigger(client, "airfleet_cluster_delete", {"name": "e2e-a"})
     assert wait_run(client, "airfleet_cluster_delete", run.dag_run_id) == "success"

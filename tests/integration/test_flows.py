@@ -296,3 +296,47 @@ def test_each_flow_announces_running_failed_and_deleted_as_cluster_asset_events(
     # A dry run changes nothing and announces nothing.
     run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER, "dry_run": True})
     assert len(_asset_events(uri)) == before + 3
+
+
+def _note(dag_run) -> str | None:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        return session.scalar(select(DagRun).where(DagRun.dag_id == dag_run.dag_id,
+                                                   DagRun.run_id == dag_run.run_id)).note
+
+
+def test_each_run_ends_with_a_run_note_saying_what_it_changed(dags, fake):
+    create = run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    assert _note(create) == "llm-a: Pending → Provisioning → Running"
+
+    fake.instruct(fail_at={"llm-a": "apply"})
+    update = json.loads(json.dumps(SSH_CLUSTER))
+    update["spec"]["config"]["ssh"]["workers"].append("10.0.0.9")
+    failed = run(dags, "airfleet_cluster_update", {"cluster": update})
+    assert _note(failed) == (
+        "Failed at apply.\nllm-a: Running → Updating → Failed "
+        "(apply failed: fake backend told to fail at apply); SpecChanged")
+    fake.instruct()
+
+    delete = run(dags, "airfleet_cluster_delete", {"name": "llm-a"})
+    assert _note(delete) == "llm-a: Failed → Deleting → Deleted (every component removed)"
+    # Last: dag.test() keeps a run's conf in the DAG's Params, dry_run included.
+    dry = run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER, "dry_run": True})
+    assert _note(dry) == "Nothing changed (dry run)."
+
+
+def test_a_note_someone_wrote_stands(dags, fake, airflow_db):
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    from airfleet_airflow import listener
+
+    created = run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    with create_session() as session:
+        dag_run = session.get(DagRun, created.id)
+        dag_run.note = "mine"
+        listener.on_dag_run_success(dag_run=dag_run, msg="success")
+    assert _note(created) == "mine"

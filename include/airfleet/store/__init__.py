@@ -376,8 +376,13 @@ class Store:
         """The history of every incarnation of ``name``, oldest first."""
         query = select(EventRow).where(EventRow.cluster == name).order_by(EventRow.id)
         with self.session() as s:
-            return [Event(e.cluster, _utc(e.at), e.kind, e.from_phase, e.to_phase, e.reason,
-                          e.message, e.run_id) for e in s.scalars(query)]
+            return [_as_event(e) for e in s.scalars(query)]
+
+    def run_events(self, run_id: str) -> list[Event]:
+        """What one run (``<dag_id>/<run_id>``) wrote into any cluster's history, oldest first."""
+        query = select(EventRow).where(EventRow.run_id == run_id).order_by(EventRow.id)
+        with self.session() as s:
+            return [_as_event(e) for e in s.scalars(query)]
 
     def _require_live(self, s: Session, name: str) -> ClusterRow:
         row = _live(s, name)
@@ -538,6 +543,11 @@ def _event(row: ClusterRow, kind: str, from_phase, to_phase, reason: str, messag
     return EventRow(cluster=row.name, cluster_uid=row.uid, at=now(), kind=kind,
                     from_phase=from_phase and str(from_phase), to_phase=to_phase and str(to_phase),
                     reason=reason, message=message or "", run_id=run_id)
+
+
+def _as_event(e: EventRow) -> Event:
+    return Event(e.cluster, _utc(e.at), e.kind, e.from_phase, e.to_phase, e.reason, e.message,
+                 e.run_id)
 
 
 def _record(row: ClusterRow) -> ClusterRecord:

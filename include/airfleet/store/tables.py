@@ -65,7 +65,7 @@ class EventRow(Base):
     to_phase: Mapped[str | None] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(Text, default="")
-    run_id: Mapped[str | None] = mapped_column(String(250))
+    run_id: Mapped[str | None] = mapped_column(String(250), index=True)  # a run's note
 
 
 class LeaseRow(Base):

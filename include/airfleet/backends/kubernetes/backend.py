@@ -234,10 +234,10 @@ class KubernetesBackend(Backend):
         self._own_namespace(kube, cluster)
         desired = m.desired_objects(cluster, ctx.clients.get("registry"))
         counts: dict[str, int] = {}
-        for obj in desired:
+        for i, obj in enumerate(desired, 1):
             outcome = kube.ensure(obj, update=update)
-            ctx.log.info("cluster %s: %s %s/%s %s", cluster.name, obj["kind"], ns,
-                         outcome.name, outcome.action)
+            ctx.log.info("cluster %s: [%d/%d] %s %s/%s %s", cluster.name, i, len(desired),
+                         obj["kind"], ns, outcome.name, outcome.action)
             counts[outcome.action] = counts.get(outcome.action, 0) + 1
         if update:
             for kind, name in self._stale(kube, cluster, desired):

@@ -107,7 +107,9 @@ class _Run:
         self.ctx.log.info("cluster %s: " + msg, self.cluster.name, *args)
 
     def report(self, node: Node, phase: str, message: str = "", ray_node_id: str | None = None):
-        self.log("%s %s: %s %s", node.role, node.address, phase, message)
+        nodes = nodes_of(self.cfg)  # "node 2/3": where this line stands in the whole
+        where = f"node {nodes.index(node) + 1}/{len(nodes)} " if node in nodes else ""
+        self.log("%s%s %s: %s %s", where, node.role, node.address, phase, message)
         self.ctx.report_node(node.status(phase, message, ray_node_id))
 
     # ---- apply ------------------------------------------------------------------------

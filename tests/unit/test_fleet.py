@@ -1,0 +1,40 @@
+"""Run notes: what a run changed, as Airflow shows it on the run."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from airfleet.fleet import NOTE_LIMIT, run_note
+from airfleet.store import Event
+
+RUN = "airfleet_cluster_health_check/scheduled__1"
+
+
+def _event(cluster: str, reason: str, frm: str | None = None, to: str | None = None,
+           message: str = "") -> Event:
+    kind = "Transition" if frm and to else "Normal"
+    return Event(cluster, datetime.now(UTC), kind, frm, to, reason, message, RUN)
+
+
+def test_a_health_check_note_names_each_cluster_that_changed_and_why():
+    note = run_note([_event("a", "HealthCheckFailed", "Running", "Failed", "head unreachable"),
+                     _event("b", "Recovered", "Failed", "Running", "Recovered"),
+                     _event("b", "Stable"), _event("c", "Unstable"), _event("c", "Unstable")])
+    assert note.splitlines() == ["a: Running → Failed (head unreachable)",
+                                 "b: Failed → Running; Stable",
+                                 "c: 2 Unstable"]
+
+
+def test_a_failed_run_says_where_first_and_a_quiet_one_says_nothing_changed():
+    assert run_note([], failed_tasks=["policy_precheck"]) == (
+        "Failed at policy_precheck.\nNothing changed.")
+    assert run_note([], dry_run=True) == "Nothing changed (dry run)."
+
+
+def test_a_note_about_a_thousand_clusters_fits_airflows_limit_and_says_how_many_it_left():
+    events = [_event(f"cluster-{i:04}", "HealthCheckFailed", "Running", "Failed", "timeout")
+              for i in range(1000)]
+    note = run_note(events)
+    assert len(note) <= NOTE_LIMIT
+    shown = note.count("→")
+    assert note.splitlines()[-1] == f"… and {1000 - shown} more."
