@@ -54,6 +54,10 @@ def _write(session, dag_run) -> None:
     failed = sorted(ti.task_id for ti in dag_run.get_task_instances(state=["failed"],
                                                                     session=session)
                     if ti.task_id != "watcher")
-    events = Store().run_events(f"{dag_run.dag_id}/{dag_run.run_id}")
+    store = Store()
+    try:
+        events = store.run_events(f"{dag_run.dag_id}/{dag_run.run_id}")
+    finally:
+        store.dispose()  # the scheduler lives long: no pool left behind per run
     dag_run.note = run_note(events, failed_tasks=failed,
                             dry_run=bool((dag_run.conf or {}).get("dry_run")))
