@@ -26,24 +26,43 @@ and dispatches on (subresource, verb)). Everything the server answers mirrors ku
   Conflict, BadRequest, Forbidden, Invalid, Unauthorized, MethodNotAllowed, ...).
 - Kinds with a status subresource ignore status on create/update of the main resource; Pods and
   PVCs start Pending, Namespaces Active, Services get a cluster IP, Secret stringData goes to data.
-- Deployments play their controller: a spec change resets status to "not available" and, after
-  `ready_delay`, all replicas become available (a MODIFIED event), unless in `never_ready`.
-  Zero counts are omitted from status, as the real server does (`readyReplicas` is absent, not 0).
-- Deleting a Namespace marks it Terminating; after `terminate_delay` its content is deleted, then
-  the namespace. Objects with finalizers get a deletionTimestamp and go when the last one is removed.
+- Controllers (kube_controllers.py) act on every stored write before its response is sent:
+  Deployments roll out through ReplicaSets (`<name>-<pod-template-hash>`, revisions, maxSurge /
+  maxUnavailable, Recreate, pause, rollback, progressDeadlineSeconds) with the real status
+  counts and Available / Progressing conditions (zero counts omitted); ReplicaSets own Pods,
+  which turn Running and Ready `ready_delay` seconds after creation, never Ready for a
+  Deployment key in `never_ready`, or stay in ImagePullBackOff for an image in `bad_images`;
+  deleting an owner deletes its dependents (`propagationPolicy: Orphan` keeps them). A status a
+  client writes to deployments/status stays until the controller's next sync.
+- Deleting a Namespace marks it Terminating; after `terminate_delay` the namespace controller
+  deletes its content, reports what remains in its status conditions and retries; the namespace
+  goes once nothing is left. Objects with finalizers (deleted one by one or by collection) get a
+  deletionTimestamp and go when the last finalizer is removed.
 - Watches replay history from a resourceVersion (410 Expired as an ERROR event once it is older
   than the retained history, see `compact()`), and filter like the watch cache: an object that
   starts matching the selector arrives as ADDED, one that stops matching as DELETED (its last
   matching state).
+- Identities (kube_rbac.py): the constructor's `token` is the admin "fake-user", allowed all
+  but what `deny()` lists; `service_account_token()` (or the TokenRequest API, `kubectl create
+  token`) and `add_user()` give identities that RBAC objects alone authorize, with the real rule
+  semantics, 403 messages and SelfSubjectAccessReview reasons; discovery is open to all. Writes
+  of Roles and bindings go through RBAC's escalation prevention (escalate / bind verbs).
+- Server-side apply and field management (kube_apply.py): `application/apply-patch+yaml`
+  patches with fieldManager / force / dryRun, managedFields in the FieldsV1 encoding for every
+  write through the API (operation Update under fieldManager or the User-Agent), ownership by
+  the OpenAPI list and map types, removal of fields a manager stops applying, 409 conflicts.
+- Immutable fields (kube_validation.py) answer 422: a PVC's spec (a bound claim may grow), a
+  Deployment's selector, a Service's clusterIPs, a binding's roleRef.
 - A fresh server (and `reset()`) holds the namespaces of a fresh cluster: default, kube-system,
-  kube-public, kube-node-lease. Not implemented: server-side apply, pod logs/exec, limit/continue
-  (lists come whole), watch in Table form, aggregated discovery, admission beyond name validation.
+  kube-public, kube-node-lease, and no RBAC objects (no bootstrap ClusterRoles such as view or
+  edit). Not implemented: pod logs/exec, limit/continue (lists come whole), watch in Table form,
+  aggregated discovery, admission beyond name validation, apply to the scale subresource.
 
 The Python state methods (`create`, `get`, `list`, `update`, `delete`, `add_node`,
-`set_pod_ready`) bypass auth, faults and API validation; they raise `KubeAPIError` for a
-duplicate or missing object and default a namespaced object's namespace to "default". `update`
-replaces the whole object, status included; `delete` of a Namespace removes it and its content
-at once.
+`set_pod_ready`) bypass auth, faults, API validation and field management; they raise
+`KubeAPIError` for a duplicate or missing object and default a namespaced object's namespace
+to "default". `update` replaces the whole object, status included (the controllers then react
+to it); `delete` of a Namespace removes it and its content at once, with no controller reacting.
 """
 
 from __future__ import annotations
@@ -79,6 +98,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tests.fakes import kube_apply, kube_rbac, kube_validation
+from tests.fakes.kube_controllers import Controllers, default_deployment
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +144,12 @@ RESOURCES = (
     _R("", "v1", "services", "Service", True, ("svc",), ("status",)),
     _R("", "v1", "secrets", "Secret", True, fields=("type",)),
     _R("", "v1", "configmaps", "ConfigMap", True, ("cm",)),
-    _R("", "v1", "serviceaccounts", "ServiceAccount", True, ("sa",)),
+    _R("", "v1", "serviceaccounts", "ServiceAccount", True, ("sa",), ("token",)),
     _R("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", True, ("pvc",), ("status",)),
     _R("", "v1", "events", "Event", True, ("ev",), fields=(
         "involvedObject.kind", "involvedObject.name", "involvedObject.namespace", "reason", "type")),
     _R("apps", "v1", "deployments", "Deployment", True, ("deploy",), ("status", "scale")),
+    _R("apps", "v1", "replicasets", "ReplicaSet", True, ("rs",), ("status", "scale")),
     _R("networking.k8s.io", "v1", "ingresses", "Ingress", True, ("ing",), ("status",)),
     _R("rbac.authorization.k8s.io", "v1", "roles", "Role", True),
     _R("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
@@ -139,9 +162,10 @@ NAMESPACES = RESOURCES[0]
 NODES = RESOURCES[1]
 _BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
 _BY_NAME = {n.lower(): r for r in RESOURCES for n in (r.kind, r.plural, *r.short_names)}
-IN_CATEGORY_ALL = {"pods", "services", "deployments"}  # what `kubectl get all` lists
+IN_CATEGORY_ALL = {"pods", "services", "deployments", "replicasets"}  # `kubectl get all`
 RETURNS_OBJECT_ON_DELETE = {"Namespace", "Pod", "Service"}  # the rest answer a Status Success
-CLEARS_STATUS_ON_CREATE = {"Pod", "Service", "PersistentVolumeClaim", "Deployment", "Ingress"}
+CLEARS_STATUS_ON_CREATE = {"Pod", "Service", "PersistentVolumeClaim", "Deployment", "ReplicaSet",
+                           "Ingress"}
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
@@ -149,6 +173,12 @@ _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotF
             422: "Invalid", 429: "TooManyRequests", 500: "InternalError",
             503: "ServiceUnavailable", 504: "Timeout"}
 _CONFLICT = "the object has been modified; please apply your changes to the latest version and try again"
+_SUBRESOURCE_VERBS = ["get", "patch", "update"]
+_SUBRESOURCE_KINDS = {  # discovery of the subresources that are another kind: (kind, verbs)
+    "scale": ({"group": "autoscaling", "version": "v1", "kind": "Scale"}, _SUBRESOURCE_VERBS),
+    "token": ({"group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest"},
+              ["create"]),
+}
 
 
 def resource_for(kind: str) -> Resource:
@@ -180,8 +210,9 @@ class KubeAPIError(Exception):
         return JSONResponse(self.status(), self.code, headers=headers)
 
 
-def _details(res: Resource, name: str) -> dict:
-    return {"name": name, **({"group": res.group} if res.group else {}), "kind": res.plural}
+def _details(res: Resource, name: str) -> dict:  # StatusDetails: an empty name is omitted
+    return {**({"name": name} if name else {}), **({"group": res.group} if res.group else {}),
+            "kind": res.plural}
 
 
 def _not_found(res: Resource, name: str) -> KubeAPIError:
@@ -427,6 +458,10 @@ _PB_SCHEMAS: dict[str, dict] = {
         1: ("resourceAttributes", {i + 1: (f, _S) for i, f in enumerate(
             ("namespace", "verb", "group", "version", "resource", "subresource", "name"))}),
         2: ("nonResourceAttributes", {1: ("path", _S), 2: ("verb", _S)})})},
+    "TokenRequest": {1: ("metadata", _META), 2: ("spec", {
+        1: ("audiences", ("list", _S)), 4: ("expirationSeconds", "int"),
+        3: ("boundObjectRef", {i + 1: (f, _S) for i, f in enumerate(
+            ("kind", "apiVersion", "name", "uid"))})})},
 }
 
 
@@ -458,7 +493,7 @@ def _pb_fields(buf: bytes) -> list[tuple[int, Any]]:
 def _pb_decode(buf: bytes, schema: dict) -> dict:
     def scalar(kind: str, value: Any) -> Any:
         return {_S: lambda: value.decode(), _B: lambda: base64.b64encode(value).decode(),
-                "bool": lambda: bool(value), "raw": lambda: value}[kind]()
+                "bool": lambda: bool(value), "int": lambda: value, "raw": lambda: value}[kind]()
 
     out: dict[str, Any] = {}
     for number, value in _pb_fields(buf):
@@ -491,30 +526,8 @@ def decode_protobuf(body: bytes) -> dict:
 
 # --- controllers' view of status --------------------------------------------------------------
 
-def deployment_status(dep: dict, available: bool) -> dict:
-    """What the deployment controller reports, zero counts omitted (omitempty, as real)."""
-    name, now = dep["metadata"]["name"], _now()
-    replicas = dep.get("spec", {}).get("replicas", 1)
-    ready = replicas if available else 0
-    counts = {"replicas": replicas, "updatedReplicas": ready, "readyReplicas": ready,
-              "availableReplicas": ready, "unavailableReplicas": replicas - ready}
-    cond = {"lastUpdateTime": now, "lastTransitionTime": now}
-    conditions = [
-        {"type": "Available", "status": "True" if available else "False", **cond,
-         "reason": "MinimumReplicasAvailable" if available else "MinimumReplicasUnavailable",
-         "message": "Deployment has minimum availability." if available
-         else "Deployment does not have minimum availability."},
-        {"type": "Progressing", "status": "True", **cond,
-         "reason": "NewReplicaSetAvailable" if available else "ReplicaSetUpdated",
-         "message": f'ReplicaSet "{name}-fake" has successfully progressed.' if available
-         else f'ReplicaSet "{name}-fake" is progressing.'},
-    ]
-    return {"observedGeneration": dep["metadata"]["generation"],
-            **{k: v for k, v in counts.items() if v}, "conditions": conditions}
-
-
 def scale_of(dep: dict) -> dict:
-    """A Deployment as its autoscaling/v1 Scale subresource."""
+    """A Deployment or ReplicaSet as its autoscaling/v1 Scale subresource."""
     meta = dep["metadata"]
     labels = (dep.get("spec", {}).get("selector") or {}).get("matchLabels") or {}
     return {"kind": "Scale", "apiVersion": "autoscaling/v1",
@@ -538,6 +551,15 @@ def _node_ready(node: dict) -> str:
         else "NotReady"
 
 
+def _pod_phase(pod: dict) -> str:
+    """The STATUS kubectl prints: Terminating, a waiting container's reason, or the phase."""
+    if pod["metadata"].get("deletionTimestamp"):
+        return "Terminating"
+    waiting = [(c.get("state") or {}).get("waiting", {}).get("reason")
+               for c in pod.get("status", {}).get("containerStatuses", [])]
+    return next((w for w in waiting if w), pod.get("status", {}).get("phase", ""))
+
+
 # Server-side printing (kubectl get asks for a meta.k8s.io Table): kind -> extra columns.
 _COLUMNS: dict[str, list[tuple[str, Callable[[dict], Any]]]] = {
     "Namespace": [("Status", lambda o: o.get("status", {}).get("phase", ""))],
@@ -546,10 +568,14 @@ _COLUMNS: dict[str, list[tuple[str, Callable[[dict], Any]]]] = {
     "Pod": [("Ready", lambda o: "{}/{}".format(
                 sum(bool(c.get("ready")) for c in o.get("status", {}).get("containerStatuses", [])),
                 len(o.get("spec", {}).get("containers", [])))),
-            ("Status", lambda o: o.get("status", {}).get("phase", ""))],
+            ("Status", _pod_phase)],
     "Deployment": [("Ready", lambda o: "{}/{}".format(o.get("status", {}).get("readyReplicas", 0),
                                                       o["spec"].get("replicas", 1))),
+                   ("Up-to-date", lambda o: o.get("status", {}).get("updatedReplicas", 0)),
                    ("Available", lambda o: o.get("status", {}).get("availableReplicas", 0))],
+    "ReplicaSet": [("Desired", lambda o: o["spec"].get("replicas", 1)),
+                   ("Current", lambda o: o.get("status", {}).get("replicas", 0)),
+                   ("Ready", lambda o: o.get("status", {}).get("readyReplicas", 0))],
     "ConfigMap": [("Data", lambda o: len(o.get("data", {})) + len(o.get("binaryData", {})))],
     "Secret": [("Type", lambda o: o.get("type", "Opaque")), ("Data", lambda o: len(o.get("data", {})))],
     "Service": [("Type", lambda o: o["spec"].get("type", "")),
@@ -643,6 +669,7 @@ class FakeKubeAPIServer:
         self.ready_delay, self.terminate_delay, self.token = ready_delay, terminate_delay, token
         self._defaults = (ready_delay, terminate_delay)
         self.never_ready: set[tuple[str, str]] = set()
+        self.bad_images: set[str] = set()  # pods using one of these stay in ImagePullBackOff
         self.requests: list[tuple[str, str, int]] = []
         self.bookmark_interval = 1.0  # seconds between BOOKMARKs when a watch allows them
         self.url = ""
@@ -654,8 +681,10 @@ class FakeKubeAPIServer:
         self._watchers: set[_Watcher] = set()
         self._faults: list[_Fault] = []
         self._denials: list[tuple[str, str, str, str | None, str]] = []
+        self._rbac = kube_rbac.RBAC(self._stored, self._denials, lambda: self.token)
         self._timers: list[threading.Timer] = []
         self._epoch = 0  # bumped by reset(): timers of an earlier epoch do nothing
+        self._controllers = Controllers(self, resource_for)  # see tests/fakes/kube_controllers.py
         self._next_ip = 1
         self.https_url = ""
         self.ca_pem = b""
@@ -668,6 +697,7 @@ class FakeKubeAPIServer:
             ("", "update"): self._update, ("", "patch"): self._update, ("", "delete"): self._delete,
             **{(sub, verb): self._get if verb == "get" else self._update
                for sub in ("status", "scale") for verb in ("get", "update", "patch")},
+            ("token", "create"): self._create_token,
         }
         routes = [  # (path, handler); discovery and health are read-only
             ("/version", self._version), ("/api", self._core_versions), ("/apis", self._group_list),
@@ -749,9 +779,12 @@ class FakeKubeAPIServer:
             self._compacted_rv = self._rv
             self._faults.clear()
             self._denials.clear()
+            self._rbac.reset()
             self.requests.clear()
             self.never_ready.clear()
+            self.bad_images.clear()
             self.ready_delay, self.terminate_delay = self._defaults
+            self._controllers.reset()
             self._seed()
 
     def _seed(self) -> None:
@@ -760,26 +793,30 @@ class FakeKubeAPIServer:
 
     # --- kubeconfig ---------------------------------------------------------------------------
 
-    def kubeconfig(self, *, namespace: str | None = None, tls: bool = False) -> dict:
+    def kubeconfig(self, *, namespace: str | None = None, tls: bool = False,
+                   token: str | None = None) -> dict:
         """A kubeconfig for the plain http `url`, or with `tls` for `https_url` with the CA.
-        kubectl (client-go) sends no credentials over plain http: give it `tls=True`."""
+        kubectl (client-go) sends no credentials over plain http: give it `tls=True`.
+        `token`: another identity's (`service_account_token`, `add_user`); the admin's else."""
         context = {"cluster": "fake", "user": USER, **({"namespace": namespace} if namespace else {})}
         cluster = {"server": self.https_url, "certificate-authority-data":
                    base64.b64encode(self.ca_pem).decode()} if tls else {"server": self.url}
         return {"apiVersion": "v1", "kind": "Config", "preferences": {},
                 "clusters": [{"name": "fake", "cluster": cluster}],
-                "users": [{"name": USER, "user": {"token": self.token}}],
+                "users": [{"name": USER, "user": {"token": token or self.token}}],
                 "contexts": [{"name": "fake", "context": context}],
                 "current-context": "fake"}
 
-    def kubeconfig_yaml(self, *, namespace: str | None = None, tls: bool = False) -> str:
-        return yaml.safe_dump(self.kubeconfig(namespace=namespace, tls=tls), sort_keys=False)
+    def kubeconfig_yaml(self, *, namespace: str | None = None, tls: bool = False,
+                        token: str | None = None) -> str:
+        return yaml.safe_dump(self.kubeconfig(namespace=namespace, tls=tls, token=token),
+                              sort_keys=False)
 
     def write_kubeconfig(self, path: str | Path, *, namespace: str | None = None,
-                         tls: bool = True) -> Path:
+                         tls: bool = True, token: str | None = None) -> Path:
         """The kubeconfig as a file; https by default, since a file is what kubectl reads."""
         path = Path(path)
-        path.write_text(self.kubeconfig_yaml(namespace=namespace, tls=tls))
+        path.write_text(self.kubeconfig_yaml(namespace=namespace, tls=tls, token=token))
         path.chmod(0o600)
         return path
 
@@ -863,9 +900,34 @@ class FakeKubeAPIServer:
     def deny(self, verb: str, resource: str, *, group: str = "", namespace: str | None = None,
              subresource: str = "") -> None:
         """SelfSubjectAccessReviews answer allowed=false for this, and matching requests get 403.
-        `verb`/`resource`/`group` may be "*"; namespace None means every namespace."""
+        `verb`/`resource`/`group` may be "*"; namespace None means every namespace. Applies to
+        the admin token only. While any denial is in effect the admin also lacks the verbs
+        escalate, bind, impersonate and "*", so it cannot create or bind a Role granting what
+        it was denied (see kube_rbac)."""
         with self._lock:
             self._denials.append((verb, resource, group, namespace, subresource))
+
+    def service_account_token(self, namespace: str, name: str, *,
+                              expiration_seconds: int = 3600,
+                              audiences: list[str] | None = None) -> str:
+        """A bound token of a ServiceAccount, as the TokenRequest API issues it (KubeAPIError
+        404 when the ServiceAccount does not exist). It authenticates as
+        system:serviceaccount:<namespace>:<name>, whose permissions come from RBAC objects only,
+        until it expires or the ServiceAccount is deleted."""
+        with self._lock:
+            account = self._objects[resource_for("ServiceAccount")].get((namespace, name))
+            spec = {"expirationSeconds": expiration_seconds, "audiences": audiences}
+            answer = self._rbac.token_request(account, {"spec": spec}, namespace, name)
+        return answer["status"]["token"]
+
+    def add_user(self, token: str, name: str, groups: list[str] | tuple[str, ...] = ()) -> None:
+        """A bearer token for user `name` in `groups` (plus system:authenticated), authorized by
+        RBAC objects only; the group system:masters may do anything. reset() forgets it."""
+        with self._lock:
+            self._rbac.add_user(token, name, groups)
+
+    def _stored(self, kind: str) -> list[dict]:
+        return list(self._objects[resource_for(kind)].values())
 
     def fail_next(self, count: int, *, status: int = 500, method: str | None = None,
                   path: str | None = None) -> None:
@@ -912,10 +974,13 @@ class FakeKubeAPIServer:
         for watcher in self._watchers:
             if watcher.selector.res == res:
                 watcher.push(event)
+        self._controllers.observe(kind, res, obj, prev)  # they act before the write returns
 
     def _default(self, res: Resource, obj: dict) -> None:
         obj["apiVersion"], obj["kind"] = res.api_version, res.kind
         if res.kind == "Deployment":
+            default_deployment(obj)
+        elif res.kind == "ReplicaSet":
             obj.setdefault("spec", {}).setdefault("replicas", 1)
         elif res.kind == "Secret":  # stringData is write-only: merged into data
             obj.setdefault("type", "Opaque")
@@ -927,6 +992,8 @@ class FakeKubeAPIServer:
             if spec["type"] != "ExternalName" and "clusterIP" not in spec:
                 spec["clusterIP"] = f"10.96.{self._next_ip // 250}.{self._next_ip % 250 + 1}"
                 self._next_ip += 1
+            if spec.get("clusterIP") and not spec.get("clusterIPs"):  # as the registry fills it
+                spec["clusterIPs"] = [spec["clusterIP"]]
 
     def _insert(self, res: Resource, obj: dict, *, via_api: bool, dry_run: bool = False) -> dict:
         meta = _meta(obj)
@@ -948,16 +1015,12 @@ class FakeKubeAPIServer:
         elif res.kind == "Namespace":
             obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
             obj["status"] = {"phase": "Active"}
-        elif res.kind == "Deployment":
-            obj["status"] = deployment_status(obj, available=False)
         if dry_run:
             return obj
         meta["resourceVersion"] = self._next_rv()
         self._objects[res][_key(obj)] = obj
         self._emit("ADDED", res, obj, None)
-        if res.kind == "Deployment":
-            self._schedule_ready(obj)
-        return copy.deepcopy(obj)
+        return copy.deepcopy(self._objects[res].get(_key(obj), obj))  # with what controllers did
 
     def _replace(self, res: Resource, old: dict, new: dict, *, dry_run: bool = False) -> dict:
         """Store `new` in place of `old`: server-owned metadata kept, resourceVersion bumped,
@@ -977,17 +1040,14 @@ class FakeKubeAPIServer:
         spec_changed = _spec_part(new) != _spec_part(old)
         if spec_changed:
             meta["generation"] = old_meta.get("generation", 1) + 1
-            if res.kind == "Deployment":
-                new["status"] = deployment_status(new, available=False)
         if dry_run:
             return new
-        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") \
+                and not (res is NAMESPACES and (new.get("spec") or {}).get("finalizers")):
             self._remove(res, old)
             return new
         self._put(res, new, old)
-        if spec_changed and res.kind == "Deployment":
-            self._schedule_ready(new)
-        return copy.deepcopy(new)
+        return copy.deepcopy(self._objects[res].get(_key(new), new))  # with what controllers did
 
     def _put(self, res: Resource, new: dict, old: dict) -> None:
         new["metadata"]["resourceVersion"] = self._next_rv()
@@ -1022,26 +1082,15 @@ class FakeKubeAPIServer:
             timer.cancel()
         self._timers.clear()
 
-    def _schedule_ready(self, dep: dict) -> None:
-        meta = dep["metadata"]
-        self._later(self.ready_delay, self._deployment_ready, _key(dep), meta["generation"])
-
-    def _deployment_ready(self, key: tuple[str, str], generation: int) -> None:
-        res = resource_for("Deployment")
-        dep = self._objects[res].get(key)
-        if dep is None or dep["metadata"]["generation"] != generation or key in self.never_ready:
-            return
-        new = copy.deepcopy(dep)
-        new["status"] = deployment_status(new, available=True)
-        self._put(res, new, dep)
-
     def _purge_namespace(self, name: str) -> None:
-        for res in RESOURCES:
-            if res.namespaced:
-                for key in [k for k in self._objects[res] if k[0] == name]:
-                    self._remove(res, self._objects[res][key])
-        if ns := self._objects[NAMESPACES].get(("", name)):
-            self._remove(NAMESPACES, ns)
+        """Everything in the namespace, then the namespace, at once (no controller reacts)."""
+        with self._controllers.suspended():
+            for res in RESOURCES:
+                if res.namespaced:
+                    for key in [k for k in self._objects[res] if k[0] == name]:
+                        self._remove(res, self._objects[res][key])
+            if ns := self._objects[NAMESPACES].get(("", name)):
+                self._remove(NAMESPACES, ns)
 
     def _close_watches(self) -> None:
         for watcher in self._watchers:
@@ -1080,21 +1129,30 @@ class FakeKubeAPIServer:
         return endpoint
 
     def _authenticate(self, request: Request) -> None:
+        """The identity of the bearer token (kube_rbac) goes to request.state.identity."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != self.token:
+        with self._lock:
+            who = self._rbac.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+        if who is None:
             raise KubeAPIError(401, "Unauthorized")
+        request.state.identity = who
 
     def _authorize(self, request: Request, verb: str, t: _Target) -> None:
         if t.res.kind == "SelfSubjectAccessReview":  # everyone may ask (system:basic-user)
             return
         namespace = t.name if t.res is NAMESPACES and t.name else (t.namespace or "")
-        if not self._denied(verb, t.res.plural, t.res.group, namespace, t.sub):
+        who = request.state.identity
+        with self._lock:
+            allowed, reason = self._rbac.authorize(who, kube_rbac.Attributes(
+                verb, t.res.group, t.res.plural, t.sub, namespace, t.name or ""))
+        if allowed:
             return
         resource = f"{t.res.plural}/{t.sub}" if t.sub else t.res.plural
         what = f'{t.res.qualified} "{t.name}"' if t.name else t.res.qualified
         where = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
-        raise KubeAPIError(403, f'{what} is forbidden: User "{USER}" cannot {verb} resource '
-                                f'"{resource}" in API group "{t.res.group}" {where}',
+        raise KubeAPIError(403, f'{what} is forbidden: User "{who.user}" cannot {verb} resource '
+                                f'"{resource}" in API group "{t.res.group}" {where}'
+                                + (f": {reason}" if reason else ""),
                            _details(t.res, t.name or ""))
 
     def _denied(self, verb: str, resource: str, group: str, namespace: str, sub: str) -> bool:
@@ -1146,11 +1204,9 @@ class FakeKubeAPIServer:
                             **({"categories": ["all"]} if r.plural in IN_CATEGORY_ALL else {}),
                             **({"shortNames": list(r.short_names)} if r.short_names else {})})
             for sub in r.subresources:
-                scale = {"group": "autoscaling", "version": "v1", "kind": "Scale"} \
-                    if sub == "scale" else {"kind": r.kind}
+                kind, verbs = _SUBRESOURCE_KINDS.get(sub, ({"kind": r.kind}, _SUBRESOURCE_VERBS))
                 entries.append({"name": f"{r.plural}/{sub}", "singularName": "",
-                                "namespaced": r.namespaced, **scale,
-                                "verbs": ["get", "patch", "update"]})
+                                "namespaced": r.namespaced, **kind, "verbs": verbs})
         return JSONResponse({"kind": "APIResourceList", "apiVersion": "v1",
                              "groupVersion": found[0].api_version, "resources": entries})
 
@@ -1208,7 +1264,8 @@ class FakeKubeAPIServer:
         handler = self._handlers.get((t.sub, verb))
         if handler is None or (not t.sub and verb not in t.res.verbs) \
                 or (verb == "create" and t.res.namespaced and not t.namespace) \
-                or (t.name is None) != (verb in ("list", "watch", "create", "deletecollection")):
+                or (t.name is None) != (verb in ("list", "watch", "create", "deletecollection")
+                                        and not t.sub):
             raise KubeAPIError(405, "the server does not allow this method on the requested resource")
         self._authorize(request, verb, t)
         return await handler(request, t)
@@ -1278,7 +1335,7 @@ class FakeKubeAPIServer:
         body = await self._body(request)
         self._check_identity(t, body, t.res.kind)
         if t.res.kind == "SelfSubjectAccessReview":
-            return self._review(body)
+            return self._review(body, request.state.identity)
         meta = _meta(body)
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
@@ -1288,6 +1345,7 @@ class FakeKubeAPIServer:
         with self._lock:
             if t.namespace:
                 self._check_namespace_open(t.res, t.namespace, meta["name"])
+            self._admit(request, t, body, None)
             obj = self._insert(t.res, body, via_api=True, dry_run=_dry_run(request))
         return JSONResponse(obj, 201)
 
@@ -1323,21 +1381,20 @@ class FakeKubeAPIServer:
                                    "reason": "NamespaceTerminating", "field": "metadata.namespace",
                                    "message": f"namespace {namespace} is being terminated"}]})
 
-    def _review(self, body: dict) -> Response:
-        attrs = (body.get("spec") or {}).get("resourceAttributes")
-        allowed = not attrs or not self._denied(
-            attrs.get("verb", ""), attrs.get("resource", ""), attrs.get("group", ""),
-            attrs.get("namespace", ""), attrs.get("subresource", ""))
+    def _review(self, body: dict, who: kube_rbac.Identity) -> Response:
+        with self._lock:
+            allowed, reason = self._rbac.review(who, body.get("spec") or {})
         body.update(apiVersion="authorization.k8s.io/v1", kind="SelfSubjectAccessReview")
         _meta(body)["creationTimestamp"] = None
-        # RBAC gives a reason for an allow and none for a denial (there are no deny rules)
-        body["status"] = {"allowed": True, "reason": f'RBAC: allowed by ClusterRoleBinding '
-                          f'"fake-admin" of ClusterRole "cluster-admin" to User "{USER}"'} \
-            if allowed else {"allowed": False}
+        # RBAC gives a reason for an allow; a denial has one only when rule resolution failed
+        body["status"] = {"allowed": allowed, **({"reason": reason} if reason else {})}
         return JSONResponse(body, 201)
 
     async def _update(self, request: Request, t: _Target) -> Response:
         """PUT or PATCH of an object, its status or its scale."""
+        if request.method == "PATCH" and kube_apply.check_patch_options(
+                request.headers.get("content-type", ""), request.query_params):
+            return await self._server_side_apply(request, t)
         body = await self._body(request)
         with self._lock:
             current = self._require(t.res, t.namespace, t.name)
@@ -1361,8 +1418,62 @@ class FakeKubeAPIServer:
                     new.pop("status", None)
                     if "status" in current:
                         new["status"] = copy.deepcopy(current["status"])
+            self._admit(request, t, new, current)
             result = self._replace(t.res, current, new, dry_run=_dry_run(request))
         return JSONResponse(scale_of(result) if t.sub == "scale" else result)
+
+    async def _server_side_apply(self, request: Request, t: _Target) -> Response:
+        """PATCH application/apply-patch+yaml of an object or its status (kube_apply); creates
+        a missing object (201)."""
+        if t.sub not in ("", "status"):
+            raise KubeAPIError(415, "the fake kube-apiserver applies no Scale: use a merge patch")
+        config = await self._body(request)
+        self._check_identity(t, config, t.res.kind)
+        meta = _meta(config)
+        with self._lock:
+            live = self._objects[t.res].get(self._scope(t.res, t.namespace, t.name))
+            if live is None and t.sub:
+                raise _not_found(t.res, t.name)
+            wanted_rv = meta.get("resourceVersion")
+            if live is not None and wanted_rv and wanted_rv != live["metadata"]["resourceVersion"]:
+                raise _conflict(t.res, t.name)
+            meta.setdefault("name", t.name)
+            if t.namespace:
+                meta.setdefault("namespace", t.namespace)
+            new = kube_apply.apply(t.res.kind, t.res.api_version, live, config,
+                                   request.query_params["fieldManager"], _flag(request, "force"),
+                                   t.sub, "status" in t.res.subresources)
+            self._admit(request, t, new, live, track=False)
+            if live is not None:
+                return JSONResponse(self._replace(t.res, live, new, dry_run=_dry_run(request)))
+            self._validate_name(t.res, t.name)
+            if t.namespace:
+                self._check_namespace_open(t.res, t.namespace, t.name)
+            return JSONResponse(self._insert(t.res, new, via_api=True, dry_run=_dry_run(request)),
+                                201)
+
+    def _admit(self, request: Request, t: _Target, new: dict, old: dict | None, *,
+               track: bool = True) -> None:
+        """What the handler and the registry do to a write before it is stored (under the
+        lock): managedFields of a non-apply write (kube_apply), RBAC escalation prevention
+        (kube_rbac), immutable fields (kube_validation)."""
+        if track:
+            manager = kube_apply.manager_of(request.query_params.get("fieldManager"),
+                                            request.headers.get("user-agent", ""))
+            kube_apply.track_update(t.res.kind, t.res.api_version, old, new, manager, t.sub,
+                                    "status" in t.res.subresources)
+        self._rbac.check_write(request.state.identity, t.res.kind, t.namespace or "", t.name,
+                               new, old)
+        if old is not None:
+            kube_validation.check_update(t.res.kind, new, old)
+
+    async def _create_token(self, request: Request, t: _Target) -> Response:
+        """The TokenRequest subresource of a ServiceAccount (`kubectl create token`)."""
+        body = await self._body(request) or {}
+        with self._lock:
+            account = self._objects[t.res].get(self._scope(t.res, t.namespace, t.name))
+            answer = self._rbac.token_request(account, body, t.namespace or "", t.name or "")
+        return JSONResponse(answer, 201)
 
     async def _delete(self, request: Request, t: _Target) -> Response:
         options = await self._body(request) or {}
@@ -1391,8 +1502,7 @@ class FakeKubeAPIServer:
                 new = copy.deepcopy(obj)
                 new["metadata"]["deletionTimestamp"] = _now()
                 new.setdefault("status", {})["phase"] = "Terminating"
-                self._put(t.res, new, obj)
-                self._later(self.terminate_delay, self._purge_namespace, t.name)
+                self._put(t.res, new, obj)  # the namespace controller takes it from here
                 return JSONResponse(copy.deepcopy(new))
             if meta.get("finalizers"):
                 new = copy.deepcopy(obj)
@@ -1400,6 +1510,8 @@ class FakeKubeAPIServer:
                 if new != obj:
                     self._put(t.res, new, obj)
                 return JSONResponse(copy.deepcopy(new))
+            if policy == "Orphan" or options.get("orphanDependents") is True:
+                obj = self._controllers.gc.orphan(t.res, obj)  # else the GC deletes them
             return self._deleted_response(t.res, self._remove(t.res, obj))
 
     @staticmethod
@@ -1414,8 +1526,15 @@ class FakeKubeAPIServer:
     async def _delete_collection(self, request: Request, t: _Target) -> Response:
         selector = self._selector(request, t)
         with self._lock:
-            gone = [self._remove(t.res, obj) for obj in self._select(selector)
-                    if not obj["metadata"].get("finalizers")]
+            gone = []
+            for obj in self._select(selector):
+                if self._objects[t.res].get(_key(obj)) is not obj:
+                    continue  # the garbage collector took it meanwhile
+                if obj["metadata"].get("finalizers"):  # marked; it stays until they are removed
+                    self._controllers.store.delete(t.res, obj)
+                    gone.append(copy.deepcopy(self._objects[t.res][_key(obj)]))
+                else:
+                    gone.append(self._remove(t.res, obj))
             rv = str(self._rv)
         return self._respond(request, t.res, gone, rv, False)
 

@@ -211,13 +211,20 @@ def test_errors_are_real_statuses(core, apps, ns):
     assert no_ns["reason"] == "NotFound" and no_ns["message"] == 'namespaces "nowhere" not found'
     invalid = fails(core.create_namespace, {"metadata": {"name": "Not_Valid"}})
     assert invalid["reason"] == "Invalid" and invalid["code"] == 422
+    # An apply without a field manager is invalid (ValidatePatchOptions in
+    # staging/src/k8s.io/apimachinery/pkg/apis/meta/v1/validation/validation.go).
+    no_manager = fails(core.patch_namespaced_config_map, "c", ns, {"data": {}},
+                       _content_type="application/apply-patch+yaml")
+    assert no_manager["code"] == 422 and "fieldManager: Required value" in no_manager["message"]
     media = fails(core.patch_namespaced_config_map, "c", ns, {"data": {}},
-                  _content_type="application/apply-patch+yaml")
+                  _content_type="application/unknown-patch+json")
     assert media["code"] == 415
     assert fails(core.delete_namespaced_config_map, "nope", ns)["code"] == 404
 
 
-def test_generation_counts_spec_changes_only(apps, ns):
+def test_generation_counts_spec_changes_only(server, apps, ns):
+    server.ready_delay = 30  # no pod turns Ready mid-test: the controllers' status write would
+    # change the resourceVersion these steps compare (as a real cluster's would)
     dep = apps.create_namespaced_deployment(ns, deployment(replicas=1))
     assert dep.metadata.generation == 1 and dep.status.observed_generation == 1
     dep = apps.patch_namespaced_deployment("d", ns, {"metadata": {"labels": {"x": "y"}}})
@@ -255,7 +262,9 @@ def test_patch_types(core, apps, ns):
     assert [c.name for c in replaced.spec.template.spec.containers] == ["only"]
 
 
-def test_status_subresource_and_main_resource_ignore_each_other(apps, ns):
+def test_status_subresource_and_main_resource_ignore_each_other(server, apps, ns):
+    server.ready_delay = 30  # no pod turns Ready mid-test: the controllers' status write would
+    # change the resourceVersion these steps compare (as a real cluster's would)
     dep = apps.create_namespaced_deployment(ns, deployment(replicas=1))
     dep.status.replicas = 99
     dep.spec.replicas = 2
@@ -268,7 +277,9 @@ def test_status_subresource_and_main_resource_ignore_each_other(apps, ns):
     assert apps.read_namespaced_deployment_status("d", ns).status.replicas == 7
 
 
-def test_scale_subresource(apps, ns):
+def test_scale_subresource(server, apps, ns):
+    server.ready_delay = 30  # no pod turns Ready mid-test: the controllers' status write would
+    # change the resourceVersion these steps compare (as a real cluster's would)
     apps.create_namespaced_deployment(ns, deployment(replicas=1))
     scale = apps.read_namespaced_deployment_scale("d", ns)
     assert (scale.kind, scale.api_version, scale.spec.replicas) == ("Scale", "autoscaling/v1", 1)
