@@ -38,8 +38,12 @@ def check_fleet() -> dict[str, str]:
     for name, outcome in sorted(outcomes.items()):
         print(f"{name}: {outcome}")
     counts = Counter(o.split(":")[0] for o in outcomes.values())
-    print(f"checked {len(outcomes)} clusters in {time.monotonic() - started:.1f} s: "
-          + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
+    summary = (f"checked {len(outcomes)} clusters in {time.monotonic() - started:.1f} s: "
+               + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
+    print(summary)
+    missing = sorted(name for name, outcome in outcomes.items() if outcome == "not registered")
+    flow.say("; ".join([f"{name}: not registered, nothing to check" for name in missing]
+                       + [summary]))
     return outcomes
 
 

@@ -41,3 +41,7 @@ class StaleFencingToken(Conflict):
 
 class VaultError(AirfleetError):
     """Sealing or unsealing failed; the vault fails closed."""
+
+
+class TeardownIncomplete(AirfleetError):
+    """A delete left something behind (and was not forced); the message lists each item."""

@@ -6,7 +6,7 @@ a sealed envelope in a spec is shown as ``"<sealed>"``, never its text.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -72,7 +72,22 @@ def summary(record: ClusterRecord, lease: Lease | None = None) -> dict[str, Any]
         "last_run": run_link(status.last_run_id),
         "held_by": lease.holder if lease is not None and lease.held else None,
         "generation": record.generation, "observed_generation": record.observed_generation,
+        "left_behind": list(status.left_behind),
     }
+
+
+def visible(records: Sequence[ClusterRecord]) -> list[ClusterRecord]:
+    """The fleet as people see it (``records`` include the deleted): every live cluster, and a
+    cluster deleted by force that left something behind, until its name is used again: what
+    it left is still there for someone to remove."""
+    live = {r.name for r in records if r.deleted_at is None}
+    last_deleted: dict[str, ClusterRecord] = {}
+    for r in records:
+        if r.deleted_at is not None and r.name not in live and r.cluster.status.left_behind:
+            if r.name not in last_deleted or r.deleted_at > last_deleted[r.name].deleted_at:
+                last_deleted[r.name] = r
+    return sorted([r for r in records if r.deleted_at is None] + list(last_deleted.values()),
+                  key=lambda r: r.name)
 
 
 def detail(record: ClusterRecord, lease: Lease | None = None) -> dict[str, Any]:
@@ -119,18 +134,33 @@ def _iso(at: datetime | None) -> str | None:
 
 
 NOTE_LIMIT = 1000  # Airflow's dag_run_note.content
+NOTE_KEY = "airfleet_note"  # the XCom key a task tells the run note with
 
 
 def run_note(events: list[Event], *, failed_tasks: Sequence[str] = (),
-             dry_run: bool = False) -> str:
-    """The note Airflow shows on a run: where it failed, then what it changed cluster by
-    cluster (its path through the phases, why it ended there, what else happened to it)."""
+             dry_run: bool = False, notes: Mapping[str, str] | None = None) -> str:
+    """The note Airflow shows on a run. Its first line is the one that matters (the UI shows
+    only that): where the run failed and why, else what it did. Then, cluster by cluster, its
+    path through the phases, why it ended there, what else happened to it; then what the
+    tasks said (``notes``: task id -> text, e.g. why validate refused the request).
+
+    ``failed_tasks`` come in the order they failed: the first is the cause."""
+    notes = {task: _one_line(text) for task, text in (notes or {}).items()}
     by_cluster: dict[str, list[Event]] = {}
     for e in events:
         by_cluster.setdefault(e.cluster, []).append(e)
-    lines = [f"Failed at {', '.join(failed_tasks)}."] if failed_tasks else []
-    lines += [_cluster_line(name, evs) for name, evs in by_cluster.items()] or [
-        "Nothing changed" + (" (dry run)." if dry_run else ".")]
+    clusters = [_cluster_line(name, evs) for name, evs in by_cluster.items()]
+    told = list(dict.fromkeys(notes.values()))
+    if failed_tasks:
+        why = next((notes[t] for t in failed_tasks if t in notes), None) or \
+            _last_failure(events) or "see the failed task's log"
+        told = [t for t in told if t != why]
+        lines = [f"Failed at {', '.join(failed_tasks)}: {why}",
+                 *(clusters or ["Nothing changed."]), *told]
+    elif told:
+        lines = [*told, *clusters]
+    else:
+        lines = clusters or ["Nothing changed" + (" (dry run)." if dry_run else ".")]
     kept, size = [], 0
     for line in lines:
         if size + len(line) > NOTE_LIMIT - 40:
@@ -139,6 +169,20 @@ def run_note(events: list[Event], *, failed_tasks: Sequence[str] = (),
         kept.append(line)
         size += len(line) + 1
     return "\n".join(kept)
+
+
+def _one_line(text: str) -> str:
+    """A multi-line message (e.g. one error per field) on one line, each part kept."""
+    parts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not parts:
+        return ""
+    head, rest = parts[0], "; ".join(parts[1:])
+    return f"{head} {rest}" if head.endswith(":") and rest else "; ".join(parts)
+
+
+def _last_failure(events: list[Event]) -> str | None:
+    failed = [e for e in events if e.to_phase == Phase.FAILED.value and e.message]
+    return failed[-1].message if failed else None
 
 
 def _cluster_line(name: str, events: list[Event]) -> str:

@@ -27,7 +27,13 @@ from pydantic import ValidationError
 
 from airfleet import config, lifecycle, policy
 from airfleet.backends import BackendContext, Observation, get_backend
-from airfleet.errors import ClusterUnhealthy, Conflict, InvalidRequest, NotFound
+from airfleet.errors import (
+    ClusterUnhealthy,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    TeardownIncomplete,
+)
 from airfleet.policy import Binding, plan
 from airfleet.resources import (
     FLOW_CONF,
@@ -68,10 +74,13 @@ class LeaseRef:
 
 # ---- validate (read-only) ----------------------------------------------------------------
 
-def validate(action: str, conf: dict[str, Any], store: Store | None = None) -> dict[str, Any]:
+def validate(action: str, conf: dict[str, Any], store: Store | None = None,
+             clients_for: ClientsFor | None = None) -> dict[str, Any]:
     """Parse and check a flow's conf. Returns ``{"name", "request", "actions", "dry_run"}``
     (request: the cluster as JSON, None for delete; actions: what policies will judge).
-    Raises :class:`InvalidRequest` and changes nothing."""
+    With ``clients_for``, the request's credentials must resolve and the backend's
+    :meth:`~airfleet.backends.Backend.preflight` pass. Raises :class:`InvalidRequest` (or
+    another AirfleetError naming the field) and changes nothing."""
     parsed = parse_conf(FLOW_CONF[action], conf)
     if action == "delete":
         record = (store or Store()).get_cluster(parsed.name)
@@ -95,6 +104,10 @@ def validate(action: str, conf: dict[str, Any], store: Store | None = None) -> d
                                  "change; delete it and create a new one")
         backend.validate_update(record.cluster, request.spec)
         recorded = record.cluster.model_dump(mode="json", include={"metadata", "spec"})
+    if clients_for is not None:
+        cluster = Cluster.model_validate(desired)
+        backend.preflight(cluster, BackendContext(f"validate/{action}",
+                                                  clients=clients_for(cluster), log=log))
     return {"name": request.name, "request": desired, "dry_run": parsed.dry_run,
             "actions": plan.flow_actions(action, desired, recorded)}
 
@@ -251,13 +264,38 @@ def finish(store: Store, lease: LeaseRef, phase: Phase, reason: str,
                             token=lease.token, observed_generation=record.generation)
 
 
-def delete_done(store: Store, lease: LeaseRef, leftovers: list[str]) -> ClusterRecord:
-    if leftovers:
-        return _set_phase(store, lease, Phase.FAILED, "TeardownIncomplete",
-                          "left behind: " + "; ".join(leftovers))
-    kubeconfig = store.require_cluster(lease.name).cluster.status.kubeconfig_vault_id
-    if kubeconfig:  # the managed cluster is gone, and with it what its kubeconfig opened
-        store.delete_secret(kubeconfig)
+FORCE_HINT = ('run the delete again once that is fixed, or with "force": true to record the '
+              "cluster Deleted anyway (what is left stays where it is, listed in the cluster's "
+              "history, for you to remove)")
+
+
+def teardown_left(store: Store, lease: LeaseRef, left: list[str], *, force: bool) -> None:
+    """After the teardown and its wait: record what is left behind, each item. Not forced,
+    something left fails the cluster (:class:`TeardownIncomplete`, naming each item and what
+    ``force`` does); forced, the delete goes on and the cluster ends Deleted with the list."""
+    if not left:
+        return
+    for item in left:
+        log.warning("cluster %s: left behind: %s", lease.name, item)
+        store.record_event(lease.name, "LeftBehind", item, run_id=lease.holder, kind="Warning",
+                           token=lease.token)
+    if not force:
+        _set_phase(store, lease, Phase.FAILED, "TeardownIncomplete",
+                   f"left behind: {'; '.join(left)}. {FORCE_HINT[0].upper()}{FORCE_HINT[1:]}")
+        raise TeardownIncomplete(f"left behind: {'; '.join(left)}; {FORCE_HINT}")
+    log.warning("force: the cluster will be recorded Deleted although %d item(s) remain "
+                "(manual cleanup required)", len(left))
+    _update_status(store, lease, left_behind=left)
+
+
+def delete_done(store: Store, lease: LeaseRef) -> ClusterRecord:
+    """Deleted: every component removed, or (forced) what was left named."""
+    status = store.require_cluster(lease.name).cluster.status
+    if status.kubeconfig_vault_id:  # the cluster is gone, and with it what that opened
+        store.delete_secret(status.kubeconfig_vault_id)
+    if status.left_behind:
+        return finish(store, lease, Phase.DELETED, "DeletedByForce",
+                      f"deleted by force; left behind: {'; '.join(status.left_behind)}")
     return finish(store, lease, Phase.DELETED, "Deleted", "every component removed")
 
 

@@ -9,6 +9,7 @@ checked by a validator *and* stated in the JSON schema, and a test keeps the two
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from enum import StrEnum
@@ -555,6 +556,9 @@ class ClusterStatus(BaseModel):
     resources: list[CloudResource] = Field(default_factory=list)
     # The vault id of a kubeconfig fetched from the managed cluster (AKS admin credentials).
     kubeconfig_vault_id: str | None = None
+    # What a delete could not remove, one item each: a cluster deleted by force keeps this
+    # list (its phase is Deleted because force was asked, not because all is gone).
+    left_behind: list[str] = Field(default_factory=list)
 
 
 class Cluster(BaseModel):
@@ -640,7 +644,35 @@ def param_schemas(conf_model: type[BaseModel]) -> dict[str, dict[str, Any]]:
         # ours, draft 7's under 1 ms. Nothing here needs a later draft; the only $ref
         # siblings are descriptions, which draft 7 ignores.
         out[key] = {"$schema": JSON_SCHEMA_DRAFT, **_python_re_anchors(prop)}
+        if key == "cluster":  # the form's label (else the model's name) and help
+            out[key]["title"] = "Cluster"
+            out[key]["description_md"] = _cluster_param_md(out[key].get("description", ""))
     return out
+
+
+def example_cluster() -> dict[str, Any]:
+    """examples/llm-a.json as data (DAG files parse with no file I/O): a head and one worker
+    on static nodes. tests/unit/test_examples.py keeps the two equal."""
+    ssh = {"head": "10.0.0.2", "workers": ["10.0.0.3"], "user": "root",
+           "credential": {"airflow_conn_id": "ssh_fleet"}, "container_runtime": "docker",
+           "ray": {"image": "rayproject/ray:2.60.0"}}
+    return {"metadata": {"name": "llm-a", "labels": {"team": "search"}},
+            "spec": {"type": "ssh", "provider": "static", "config": {"ssh": ssh}}}
+
+
+def _cluster_param_md(description: str) -> str:
+    """The trigger form's help for ``cluster``, with a working example to paste.
+
+    Airflow 3.3's form fills an object field only from the Param's default, and a default
+    would let a REST trigger that omits ``cluster`` create the example: the example lives in
+    the help instead (shown when the Param has no plain ``description``)."""
+    example = json.dumps(example_cluster(), indent=2)
+    return (f"{description}\n\nStart from this example (`examples/llm-a.json`): paste it in, "
+            "set your nodes' addresses and pin their host keys: `known_hosts` lines from "
+            "`ssh-keyscan` (check the fingerprints out of band), or the SSH connection's "
+            "`host_key` extra. Update takes the whole desired cluster; onboard one that "
+            "already runs. More in `examples/` and the README.\n\n"
+            f"```json\n{example}\n```")
 
 
 def _python_re_anchors(node: Any) -> Any:

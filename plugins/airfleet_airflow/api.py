@@ -92,7 +92,11 @@ def _store():
 
 
 def _record(name: str):
-    record = _store().get_cluster(name)
+    """The live cluster of that name, else one deleted by force that left things behind."""
+    store = _store()
+    record = store.get_cluster(name) or next(
+        (r for r in fleet.visible(store.list_clusters(include_deleted=True)) if r.name == name),
+        None)
     if record is None:
         raise NotFound(f"cluster {name!r} is not registered (GET /airfleet/api/v1/clusters "
                        "lists the fleet)")
@@ -110,7 +114,8 @@ def list_clusters(phase: str | None = None, type: str | None = None,  # noqa: A0
                                   name=name)
     store = _store()
     leases = {lease.name: lease for lease in store.leases()}
-    rows = [fleet.summary(r, leases.get(r.name)) for r in store.list_clusters()
+    rows = [fleet.summary(r, leases.get(r.name))
+            for r in fleet.visible(store.list_clusters(include_deleted=True))
             if fleet.matches(r, filters)]
     return {"clusters": rows, "total": len(rows)}
 

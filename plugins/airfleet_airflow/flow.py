@@ -35,6 +35,8 @@ def flow_params(action: str) -> dict[str, Param]:
     for key, schema in param_schemas(FLOW_CONF[action]).items():
         schema = dict(schema)
         description = schema.pop("description", None)
+        if "description_md" in schema:  # the form shows it only when description is None
+            description = None
         if "default" in schema:
             params[key] = Param(schema.pop("default"), description=description, **schema)
         else:
@@ -54,12 +56,26 @@ def _store():
     return Store()
 
 
+def say(text: str) -> None:
+    """One line for the run's note, from this task (Airflow shows the note's first line): what
+    the store cannot tell, e.g. why a request was refused before anything was recorded."""
+    from airfleet.fleet import NOTE_KEY
+
+    try:
+        context = get_current_context()
+    except Exception:  # noqa: BLE001 - not inside a task: no run to tell
+        return
+    context["ti"].xcom_push(key=NOTE_KEY, value=text)
+
+
 def permanent_error(exc: Exception) -> Exception:
-    """Errors that a retry cannot fix fail the task for good."""
+    """Errors that a retry cannot fix fail the task for good. Either way the reason goes to
+    the run note."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from airfleet.errors import AirfleetError, ClusterUnhealthy
 
+    say(str(exc))
     if isinstance(exc, AirfleetError) and not isinstance(exc, ClusterUnhealthy):
         return AirflowFailException(str(exc))
     return exc
@@ -84,7 +100,6 @@ def validate(action: str) -> dict[str, Any] | None:
     A dry run ends here: it reports the run's actions and the policies' decisions (log and
     XCom ``dry_run``) and skips every later task, so no lease is taken and nothing changes."""
     from airfleet import flows
-    from airfleet.resources import Cluster
     from airfleet_airflow.clients import clients_for
 
     context = get_current_context()
@@ -92,9 +107,8 @@ def validate(action: str) -> dict[str, Any] | None:
     conf = {key: params[key] for key in FLOW_CONF[action].model_fields if key in params}
     try:
         store = _store()
-        checked = flows.validate(action, conf, store)
-        if checked["request"] is not None:  # credentials resolve before anything is touched
-            clients_for(Cluster.model_validate(checked["request"]))
+        # Credentials resolve, and the backend's preflight passes, before anything is touched.
+        checked = flows.validate(action, conf, store, clients_for)
         if not checked["dry_run"]:
             return checked
         report = flows.precheck(store, checked, run=_holder())
@@ -147,6 +161,7 @@ def policy_precheck(checked: dict[str, Any]) -> dict[str, Any]:
         raise permanent_error(exc) from None
     _print_decisions(approved)
     if approved["denied"]:
+        say("denied by policy: " + "; ".join(approved["denied"]))
         raise AirflowFailException("denied by policy: " + "; ".join(approved["denied"]))
     return approved
 
@@ -219,6 +234,7 @@ def finish(lease: dict[str, Any], phase: str, reason: str) -> None:
 def is_registered(lease: dict[str, Any]) -> bool:
     """Delete of a cluster that is not (or no longer) registered is already done."""
     if _store().get_cluster(lease["name"]) is None:
+        say(f"cluster {lease['name']} is not registered: nothing to delete")
         print(f"cluster {lease['name']} is not registered: nothing to delete")
         return False
     return True
@@ -227,27 +243,35 @@ def is_registered(lease: dict[str, Any]) -> bool:
 @task
 def teardown(checked: dict[str, Any], lease: dict[str, Any]) -> None:
     """The cluster's own components (Ray nodes, the namespace); what is left fails the run,
-    named (unless ``force``)."""
-    from airflow.sdk.exceptions import AirflowFailException
+    each item named (unless ``force``: then it is recorded and the delete goes on)."""
+    import time
 
     from airfleet import flows
+    from airfleet.backends import get_backend
     from airfleet_airflow.clients import clients_for
 
-    store, ref = _store(), _lease(lease)
+    store, ref, force = _store(), _lease(lease), bool(checked.get("force"))
     try:
-        leftovers = flows.run_verb(store, ref, "teardown", clients_for,
-                                   force=bool(checked.get("force")))
+        left = flows.run_verb(store, ref, "teardown", clients_for, force=force)
+        cluster = store.require_cluster(ref.name).cluster
+        deadline = time.monotonic() + get_backend(cluster.spec.type).teardown_timeout(cluster)
+        while not left:
+            seen = flows.probe(store, ref, "teardown_done", clients_for)
+            if seen.healthy:
+                break
+            if time.monotonic() > deadline:
+                left = [seen.message]
+            time.sleep(0.5)
+        flows.teardown_left(store, ref, left, force=force)
     except Exception as exc:
         raise permanent_error(exc) from None
-    if leftovers:
-        raise AirflowFailException(flows.delete_done(store, ref, leftovers).cluster.status.message)
 
 
 @task
 def deleted(lease: dict[str, Any]) -> None:
     from airfleet import flows
 
-    flows.delete_done(_store(), _lease(lease), [])
+    flows.delete_done(_store(), _lease(lease))
 
 
 @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0)

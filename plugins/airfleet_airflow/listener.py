@@ -45,19 +45,25 @@ def _note(dag_run) -> None:
 
 
 def _write(session, dag_run) -> None:
-    from airfleet.fleet import run_note
+    from airflow.models.xcom import XComModel
+
+    from airfleet.fleet import NOTE_KEY, run_note
     from airfleet.store import Store
 
     if dag_run.note:
         return  # a person wrote one: theirs stands
-    # The watcher fails whenever a step did (flow.guarded): the steps are the news.
-    failed = sorted(ti.task_id for ti in dag_run.get_task_instances(state=["failed"],
-                                                                    session=session)
-                    if ti.task_id != "watcher")
+    # The watcher fails whenever a step did (flow.guarded): the steps are the news, the first
+    # to fail is the cause.
+    failed = [ti.task_id for ti in sorted(
+        dag_run.get_task_instances(state=["failed"], session=session),
+        key=lambda ti: (ti.end_date is None, ti.end_date)) if ti.task_id != "watcher"]
+    told = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id,
+                                              key=NOTE_KEY))
+    notes = {x.task_id: str(XComModel.deserialize_value(x)) for x in told}
     store = Store()
     try:
         events = store.run_events(f"{dag_run.dag_id}/{dag_run.run_id}")
     finally:
         store.dispose()  # the scheduler lives long: no pool left behind per run
-    dag_run.note = run_note(events, failed_tasks=failed,
+    dag_run.note = run_note(events, failed_tasks=failed, notes=notes,
                             dry_run=bool((dag_run.conf or {}).get("dry_run")))

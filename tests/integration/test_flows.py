@@ -198,15 +198,67 @@ def test_delete_then_delete_again_is_done(dags, fake):
     assert fake.calls().count("teardown") == 1
 
 
-def test_delete_that_leaves_something_behind_says_what(dags, fake):
+LEFT = ["10.0.0.2: container airfleet-ray-worker", "10.0.0.1: process 4242 raylet"]
+
+
+def test_delete_that_leaves_something_behind_says_what_and_how_force_works(dags, fake):
     run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
-    fake.instruct(leftovers={"llm-a": ["10.0.0.2: container airfleet-ray-worker"]})
+    fake.instruct(leftovers={"llm-a": LEFT})
     dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a"})
 
     assert str(dr.state) == "failed"
     record = Store().require_cluster("llm-a")
     assert record.phase is Phase.FAILED
-    assert "10.0.0.2: container airfleet-ray-worker" in record.cluster.status.message
+    assert all(item in record.cluster.status.message for item in LEFT)
+    assert record.cluster.status.left_behind == []  # not deleted: nothing to keep a list for
+    first = _note(dr).splitlines()[0]
+    assert first.startswith("Failed at teardown: left behind: " + "; ".join(LEFT))
+    assert '"force": true' in first and "record the cluster Deleted anyway" in first
+
+
+def test_a_forced_delete_that_leaves_something_says_each_item_everywhere(dags, fake):
+    from airfleet import fleet
+
+    run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    fake.instruct(leftovers={"llm-a": LEFT})
+    dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a", "force": True})
+
+    assert str(dr.state) == "success", states(dr)
+    [gone] = Store().list_clusters(include_deleted=True)
+    assert gone.phase is Phase.DELETED and gone.cluster.status.left_behind == LEFT
+    assert gone.cluster.status.message == "deleted by force; left behind: " + "; ".join(LEFT)
+    events = Store().events("llm-a")
+    assert [e.message for e in events if e.reason == "LeftBehind"] == LEFT
+    deleted = [e for e in events if e.to_phase == "Deleted"][-1]
+    assert deleted.reason == "DeletedByForce" and all(item in deleted.message for item in LEFT)
+    assert _note(dr).splitlines()[0] == (
+        "llm-a: Running → Deleting → Deleted (deleted by force; left behind: "
+        + "; ".join(LEFT) + "); 2 LeftBehind")
+    # The fleet keeps showing it, with what it left, until the name is used again.
+    [shown] = fleet.visible(Store().list_clusters(include_deleted=True))
+    assert fleet.summary(shown)["left_behind"] == LEFT
+    fake.instruct()
+    run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    [again] = fleet.visible(Store().list_clusters(include_deleted=True))
+    assert again.phase is Phase.RUNNING and fleet.summary(again)["left_behind"] == []
+
+
+def test_notes_say_why_a_request_was_refused_and_what_was_not_registered(dags, fake):
+    bad = copy.deepcopy(SSH_CLUSTER)
+    bad["spec"]["config"]["ssh"]["workers"] = ["10.0.0.1"]  # the head again
+    dr = run(dags, "airfleet_cluster_create", {"cluster": bad})
+    assert str(dr.state) == "failed"
+    first, *rest = _note(dr).splitlines()
+    assert first.startswith("Failed at validate: invalid request: "
+                            "cluster.spec.config.ssh.workers: the head 10.0.0.1 must not be listed")
+    assert rest == ["Nothing changed."]
+
+    dr = run(dags, "airfleet_cluster_delete", {"name": "nobody"})
+    assert str(dr.state) == "success"
+    assert _note(dr) == "cluster nobody is not registered: nothing to delete"
+
+    dr = run(dags, "airfleet_cluster_health_check", {"names": ["nobody"]})
+    assert _note(dr).splitlines()[0].startswith("nobody: not registered, nothing to check")
 
 
 def test_onboard_discovers_without_setting_up(dags, fake):
@@ -317,7 +369,7 @@ def test_each_run_ends_with_a_run_note_saying_what_it_changed(dags, fake):
     update["spec"]["config"]["ssh"]["workers"].append("10.0.0.9")
     failed = run(dags, "airfleet_cluster_update", {"cluster": update})
     assert _note(failed) == (
-        "Failed at apply.\nllm-a: Running → Updating → Failed "
+        "Failed at apply: fake backend told to fail at apply\nllm-a: Running → Updating → Failed "
         "(apply failed: fake backend told to fail at apply); SpecChanged")
     fake.instruct()
 

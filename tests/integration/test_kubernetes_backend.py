@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import secrets
 import time
 from pathlib import Path
 
@@ -16,91 +15,19 @@ import pytest
 from airfleet.backends.kubernetes import manifests as m
 from airfleet.resources import Phase
 from airfleet.store import Store
-from tests.fakes.kube_apiserver import FakeKubeAPIServer
+from tests.integration.kube_support import (  # noqa: F401 - fixtures
+    CONN_ID,
+    cluster,
+    kube,
+    ours,
+    output,
+    run,
+    server,
+    states,
+    writes,
+)
 
 pytestmark = pytest.mark.integration
-
-CONN_ID = "k8s_fake"
-REMOTE_WRITE = "http://victoria.example:8428/api/v1/write"
-GPU_NODE = {"feature.node.kubernetes.io/pci-10de.present": "true",
-            "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.count": "8",
-            "nvidia.com/gpu.memory": "81559"}
-STOCK_NFD_NODE = {"feature.node.kubernetes.io/pci-0302_10de.present": "true"}
-
-
-@pytest.fixture(scope="module")
-def server():
-    with FakeKubeAPIServer(ready_delay=0.3, terminate_delay=0.2) as server:
-        yield server
-
-
-@pytest.fixture
-def kube(server, airfleet_home, monkeypatch):
-    """The fake API server with three nodes (two with GPUs), the Airflow connection to it, a
-    fresh store, vault keys and a registry login (with a canary password) in the vault."""
-    from airfleet import crypto
-    from airfleet.vault import Vault
-
-    server.reset()
-    server.add_node("gpu-1", labels=GPU_NODE, allocatable={"cpu": "32", "nvidia.com/gpu": "8"},
-                    capacity={"cpu": "32", "nvidia.com/gpu": "8"})
-    server.add_node("gpu-2", labels=STOCK_NFD_NODE, allocatable={"cpu": "16", "nvidia.com/gpu": "2"})
-    server.add_node("cpu-1", labels={"kubernetes.io/os": "linux"}, allocatable={"cpu": "8"})
-    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", json.dumps(
-        {"conn_type": "kubernetes", "extra": {"kube_config": json.dumps(server.kubeconfig())}}))
-    monkeypatch.delenv("AIRFLEET_BACKENDS", raising=False)
-    Store().migrate()
-    keys = Path(os.environ["AIRFLEET_KEYS_DIR"])
-    crypto.init_keys(keys)
-    canary = f"canary-{secrets.token_hex(16)}"
-    login = Vault(Store(), keys).put(json.dumps({"username": "fleet", "password": canary}).encode(),
-                                     "registry login")
-    server.canary, server.registry_login = canary, login
-    return server
-
-
-def cluster(kube, name: str = "llm-a", **kubernetes) -> dict:
-    config = {"credential": {"airflow_conn_id": CONN_ID},
-              "metrics": {"remote_write_url": REMOTE_WRITE}, **kubernetes}
-    return {"metadata": {"name": name, "labels": {"team": "search"}}, "spec": {
-        "type": "kubernetes", "provider": "existing",
-        "image_registry": {"url": "registry.example:5000",
-                           "credential": {"vault_id": kube.registry_login}},
-        "model_caches": [{"name": "hf", "pvc": {"size": "100Gi", "storage_class": "fast"}},
-                         {"name": "shared", "nfs": {"server": "10.0.0.9", "path": "/models"}}],
-        "config": {"kubernetes": config}}}
-
-
-def run(dags, dag_id: str, conf: dict):
-    return dags[dag_id].test(run_conf=conf)
-
-
-def states(dr) -> dict[str, str]:
-    return {t.task_id: str(t.state) for t in dr.get_task_instances()}
-
-
-def ours(kube, name: str | None = None) -> list[tuple[str, str, str | None]]:
-    """Every object in the fake carrying Airfleet's labels (of one cluster, or of any)."""
-    found = []
-    for kind in ("Namespace", "Secret", "ConfigMap", "Service", "ServiceAccount", "Deployment",
-                 "Ingress", "Role", "RoleBinding", "PersistentVolumeClaim"):
-        for obj in kube.list(kind):
-            labels = obj["metadata"].get("labels") or {}
-            if labels.get(m.MANAGED_BY) == "airfleet" and name in (None, labels[m.CLUSTER_LABEL]):
-                found.append((kind, obj["metadata"]["name"], obj["metadata"].get("namespace")))
-    return sorted(found, key=str)
-
-
-def writes(kube) -> list[tuple[str, str, int]]:
-    """Requests that could change the cluster (access reviews change nothing)."""
-    return [r for r in kube.requests
-            if r[0] in ("POST", "PUT", "PATCH", "DELETE") and "selfsubjectaccessreviews" not in r[1]]
-
-
-def output(capfd, caplog) -> str:
-    out = capfd.readouterr()
-    return out.out + out.err + caplog.text
-
 
 def test_create_health_onboard_delete(dags, kube, capfd, caplog, airfleet_home):
     ns = m.namespace_of("llm-a")
@@ -129,7 +56,7 @@ def test_create_health_onboard_delete(dags, kube, capfd, caplog, airfleet_home):
     assert found["nodes"]["gpu-2"]["vendor"] == "nvidia"
     assert found["nodes"]["cpu-1"]["count"] == 0
     conditions = {c.type: c.status for c in record.cluster.status.conditions}
-    assert conditions["ComponentsAvailable"] == "True"
+    assert conditions["ComponentsReady"] == "True"
 
     # A re-run converges: nothing is created or changed.
     before = len(writes(kube))
@@ -190,18 +117,19 @@ def _cluster_model(spec: dict):
     return Cluster.model_validate(spec)
 
 
-def test_a_denied_permission_fails_listing_each_and_creates_nothing(dags, kube, capfd, caplog):
+def test_a_denied_permission_fails_validate_listing_each_and_creates_nothing(dags, kube, capfd,
+                                                                            caplog):
     ns = m.namespace_of("llm-a")
     kube.deny("create", "deployments", group="apps", namespace=ns)
     kube.deny("list", "nodes")
     dr = run(dags, "airfleet_cluster_create", {"cluster": cluster(kube)})
     assert str(dr.state) == "failed"
-    assert states(dr)["provision"] == "failed"  # before anything is made
-    message = Store().require_cluster("llm-a").cluster.status.message
-    assert Store().require_cluster("llm-a").phase is Phase.FAILED
-    assert f"create apps/deployments (in namespace {ns})" in message
-    assert "list nodes (cluster-wide)" in message
-    assert "this run changed nothing in the cluster" in message
+    assert states(dr)["validate"] == "failed"  # before any lease, row or object
+    said = output(capfd, caplog)
+    assert f"create apps/deployments (in namespace {ns})" in said
+    assert "list nodes (cluster-wide)" in said
+    assert "this run changed nothing in the cluster" in said
+    assert Store().list_clusters(include_deleted=True) == []
     assert writes(kube) == []
     assert ours(kube) == []
 
@@ -227,7 +155,7 @@ def test_a_namespace_that_is_not_ours_is_refused_and_left_alone(dags, kube):
 
 def test_a_5xx_burst_is_retried_and_the_create_succeeds(dags, kube):
     kube.fail_next(4, status=503)
-    kube.fail_next(2, status=500, method="POST", path="/deployments")
+    kube.fail_next(2, status=500, method="PATCH", path="/deployments/")  # the apply
     dr = run(dags, "airfleet_cluster_create", {"cluster": cluster(kube)})
     assert str(dr.state) == "success", states(dr)
     assert Store().require_cluster("llm-a").phase is Phase.RUNNING
@@ -243,13 +171,15 @@ def test_a_deployment_that_never_becomes_available_fails_naming_it(dags, kube):
     assert states(dr)["wait_ready"] == "failed"
     status = Store().require_cluster("llm-a").cluster.status
     assert status.phase is Phase.FAILED
-    assert f"{m.METRICS}: 0/1 available" in status.message
-    assert m.ROUTER + ":" not in status.message  # the router did become Available
+    # Its progressDeadlineSeconds is the spec's ready timeout: Kubernetes says it gave up.
+    assert f"{m.METRICS}: rollout failed: ProgressDeadlineExceeded" in status.message
+    assert m.ROUTER + ":" not in status.message  # the router did roll out
 
 
 def test_a_rerun_after_a_mid_flow_failure_converges_without_duplicates(dags, kube):
     # The router's Deployment is refused once (a 422 no retry fixes): the run fails midway.
-    kube.fail_next(1, status=422, method="POST", path=f"/namespaces/{m.namespace_of('llm-a')}/deployments")
+    kube.fail_next(1, status=422, method="PATCH",
+                   path=f"/namespaces/{m.namespace_of('llm-a')}/deployments/{m.ROUTER}")
     dr = run(dags, "airfleet_cluster_create", {"cluster": cluster(kube)})
     assert str(dr.state) == "failed"
     assert Store().require_cluster("llm-a").phase is Phase.FAILED
@@ -261,9 +191,8 @@ def test_a_rerun_after_a_mid_flow_failure_converges_without_duplicates(dags, kub
     dr = run(dags, "airfleet_cluster_create", {"cluster": cluster(kube)})
     assert str(dr.state) == "success", states(dr)
     assert Store().require_cluster("llm-a").phase is Phase.RUNNING
-    created = [r for r in kube.requests[seen:] if r[0] == "POST"
-               and "selfsubjectaccessreviews" not in r[1]]
-    # Only what the failed run had not made yet is created now.
+    created = [r for r in kube.requests[seen:] if r[0] == "PATCH"]  # server-side applies
+    # Only what the failed run had not made yet is applied now.
     assert len(created) == len(ours(kube)) - len(partial)
     assert len(ours(kube)) == len(set(ours(kube)))
 
@@ -296,7 +225,7 @@ def test_health_turns_failed_naming_the_component_and_back(dags, kube):
         run(dags, "airfleet_cluster_health_check", {})
     status = Store().require_cluster("llm-a").cluster.status
     assert status.phase is Phase.FAILED
-    assert f"{m.ROUTER}: 0/2 available" in status.message
+    assert f"{m.ROUTER}: 1 of 2 updated replicas available" in status.message
     kube.never_ready.discard((ns, m.ROUTER))
     router = kube.get("Deployment", m.ROUTER, ns)
     kube.update({**router, "spec": {**router["spec"], "replicas": 1}})
@@ -392,7 +321,7 @@ def test_a_long_wait_moves_to_the_triggerer_and_ends_when_available(dags, kube, 
     assert "waiting up to" in output(capfd, caplog)  # it deferred
     status = Store().require_cluster("llm-a").cluster.status
     assert status.phase is Phase.RUNNING
-    assert {c.type: c.status for c in status.conditions}["ComponentsAvailable"] == "True"
+    assert {c.type: c.status for c in status.conditions}["ComponentsReady"] == "True"
 
 
 def test_the_readiness_trigger_reports_the_deadline_naming_the_component(kube, dags):
@@ -416,7 +345,7 @@ def test_the_readiness_trigger_reports_the_deadline_naming_the_component(kube, d
 
     event = asyncio.run(first_event())
     assert event["ready"] is False
-    assert f"{m.ROUTER}: 0/3 available" in event["message"]
+    assert f"{m.ROUTER}: 1 of 3 updated replicas available" in event["message"]
 
 
 def test_delete_of_a_cluster_whose_api_is_gone_fails_unless_forced(dags, kube, monkeypatch):
@@ -433,3 +362,8 @@ def test_delete_of_a_cluster_whose_api_is_gone_fails_unless_forced(dags, kube, m
     dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a", "force": True})
     assert str(dr.state) == "success", states(dr)
     assert Store().get_cluster("llm-a") is None
+    [gone] = Store().list_clusters(include_deleted=True)
+    assert gone.phase is Phase.DELETED
+    [left] = gone.cluster.status.left_behind  # the namespace, never reached
+    assert "did not answer" in left
+    assert gone.cluster.status.message == f"deleted by force; left behind: {left}"

@@ -96,6 +96,11 @@ class Backend:
         """Refuse a change the backend cannot make in place; raise InvalidRequest naming the
         field."""
 
+    def preflight(self, cluster: Cluster, ctx: BackendContext) -> None:
+        """Read-only checks against what already runs, made while a flow validates its request
+        (before any lease or change): e.g. that the credentials may do everything the flow will
+        do. Raise an AirfleetError naming the field and the fix."""
+
     def provision(self, cluster: Cluster, ctx: BackendContext) -> Wait | None:
         """One reconcile pass over the underlying infrastructure (managed Kubernetes): create
         what is missing, adopt what is ours, and return what is still in progress (the flow
@@ -166,8 +171,19 @@ class Backend:
         """Stop the removed nodes once drained (``forced``: still busy at the deadline)."""
 
     def teardown(self, cluster: Cluster, ctx: BackendContext, *, force: bool = False) -> list[str]:
-        """Remove everything Airfleet made; return leftovers (empty when clean)."""
+        """Remove everything Airfleet made; return what is left behind, one item each (empty
+        when clean). ``force``: go on past what cannot be reached, and report it as left."""
         raise self._unsupported("teardown")
+
+    def teardown_timeout(self, cluster: Cluster) -> float:
+        """How long what :meth:`teardown` started may take to be gone (the flow waits in the
+        triggerer, looking with :meth:`teardown_done`); 0: teardown already waited."""
+        return 0.0
+
+    def teardown_done(self, cluster: Cluster, ctx: BackendContext) -> Observation:
+        """Read-only: whether what :meth:`teardown` started is gone (healthy), else what is
+        still there (the message)."""
+        return Observation(True)
 
     def _unsupported(self, verb: str) -> NotSupported:
         return NotSupported(f"the {self.cluster_type} backend cannot {verb}")

@@ -16,84 +16,108 @@ removes pools and cluster, ``cleanup_failed_run`` what a failed create made.
 
 from __future__ import annotations
 
-import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from airfleet.accelerators import cluster_totals, from_node_labels
 from airfleet.backends import Backend, BackendContext, Observation, Wait
+from airfleet.backends.kubernetes import access
 from airfleet.backends.kubernetes import manifests as m
 from airfleet.backends.kubernetes.kube import Kube, KubeError
 from airfleet.errors import AirfleetError, InvalidRequest
 from airfleet.resources import Cluster, ClusterSpec, Condition, NodeStatus, Provider
 
+# How long a deleted namespace may stay Terminating before the delete reports what holds it.
 NAMESPACE_GONE_SECONDS = 300
+# The namespace controller's conditions that say why a Terminating namespace is not gone yet.
+HOLDING = ("NamespaceContentRemaining", "NamespaceFinalizersRemaining",
+           "NamespaceDeletionContentFailure", "NamespaceDeletionDiscoveryFailure")
 CLOUDS = (Provider.EKS, Provider.AKS)
-ACCESS_REVIEWS_AT_ONCE = 8
 # Fields of a managed cluster's config that an update cannot change.
 FIXED = {Provider.EKS: ("region", "role_arn", "subnet_ids", "version"),
          Provider.AKS: ("subscription_id", "resource_group", "location", "version")}
 CLEANUP_KINDS = ("Deployment", "Service", "Ingress", "ConfigMap", "Secret")
-
-# What Airfleet does in a cluster: (verb, API group, resource, namespaced). Creating the Role
-# that lets the router watch pods needs those pod permissions too (RBAC escalation check).
-_MANAGED = {
-    ("", "secrets"), ("", "configmaps"), ("", "services"), ("", "serviceaccounts"),
-    ("", "persistentvolumeclaims"), ("apps", "deployments"), ("networking.k8s.io", "ingresses"),
-    ("rbac.authorization.k8s.io", "roles"), ("rbac.authorization.k8s.io", "rolebindings")}
-PERMISSIONS: tuple[tuple[str, str, str, bool], ...] = (
-    *((verb, "", "namespaces", False) for verb in ("get", "create", "delete")),
-    ("list", "", "nodes", False),
-    *((verb, group, resource, True) for group, resource in sorted(_MANAGED)
-      for verb in ("get", "list", "create", "patch", "delete")),
-    ("watch", "apps", "deployments", True),
-    *((verb, "", "pods", True) for verb in ("get", "list", "watch")),
-)
+COMPONENTS_READY = "ComponentsReady"
+# How long the readiness wait goes on past the Deployments' progressDeadlineSeconds, for the
+# controller to report ProgressDeadlineExceeded (it rechecks a stuck rollout at the deadline).
+VERDICT_GRACE_SECONDS = 10
 
 
 class MissingPermissions(AirfleetError):
     """The kubeconfig's identity may not do what Airfleet needs; the message lists each."""
 
 
-def _can_i(kube: Kube, namespace: str) -> list[str]:
-    """Every missing permission, as ``verb group/resource (scope)``. One access review per
-    permission (about 50), a few at a time: in sequence they cost seconds per flow."""
-    def missing(permission: tuple[str, str, str, bool]) -> str | None:
-        verb, group, resource, namespaced = permission
-        ns = namespace if namespaced else None
-        if kube.can(verb, resource, group, ns):
-            return None
-        scope = f"in namespace {ns}" if ns else "cluster-wide"
-        return f"{verb} {group + '/' if group else ''}{resource} ({scope})"
-
-    with ThreadPoolExecutor(max_workers=ACCESS_REVIEWS_AT_ONCE) as pool:
-        return [m for m in pool.map(missing, PERMISSIONS) if m]
+# A model cache PVC's fields, as the spec names them.
+_PVC_FIELDS = {"spec.storageClassName": "storage_class", "spec.accessModes": "access_mode",
+               m.PVC_STORAGE: "size"}
 
 
-def _available(deployment: dict[str, Any]) -> bool:
-    status = deployment.get("status") or {}
-    available = any(c.get("type") == "Available" and c.get("status") == "True"
-                    for c in status.get("conditions") or [])
+def _refuse_immutable_changes(recorded: Cluster, desired: ClusterSpec) -> None:
+    after = recorded.model_copy(update={"spec": desired})
+    changes = m.immutable_changes(m.desired_objects(recorded, None),
+                                  m.desired_objects(after, None))
+    if not changes:
+        return
+    obj, path, was, wanted = changes[0]
+    kind, name = obj["kind"], obj["metadata"]["name"]
+    caches = [c.name for c in desired.model_caches]
+    if kind == "PersistentVolumeClaim" and name.removeprefix("cache-") in caches:
+        index = caches.index(name.removeprefix("cache-"))
+        field = f"cluster.spec.model_caches.{index}.pvc.{_PVC_FIELDS[path]}"
+        fix = ("give the cache a new name (a new PVC is made; the old one keeps its weights "
+               "until you delete it)")
+    else:
+        field, fix = f"{kind} {name} {path}", "delete the cluster and create it anew"
+    how = "may not shrink" if path == m.PVC_STORAGE else "cannot change once created"
+    raise InvalidRequest(f"{field}: {how}: Kubernetes refuses it on {kind} {name} (it is "
+                         f"{was!r}, the request says {wanted!r}); {fix}")
+
+
+class Rollout(NamedTuple):
+    """A Deployment's rollout as ``kubectl rollout status`` judges it."""
+
+    done: bool
+    failed: bool  # Kubernetes gave up on it (ProgressDeadlineExceeded): waiting is pointless
+    message: str
+
+
+def rollout(deployment: dict[str, Any]) -> Rollout:
+    """Done when the controller has seen the latest spec and every replica runs it and is
+    available, with no old replica left. During a rollout the old replicas keep the
+    Deployment "Available", so availability alone would call a broken rollout healthy."""
+    name, status = deployment["metadata"]["name"], deployment.get("status") or {}
+    generation = deployment["metadata"].get("generation", 0)
+    if status.get("observedGeneration", 0) < generation:
+        return Rollout(False, False, f"{name}: the controller has not seen generation "
+                                     f"{generation} yet")
+    progressing = next((c for c in status.get("conditions") or []
+                        if c.get("type") == "Progressing"), {})
+    if progressing.get("reason") == "ProgressDeadlineExceeded":
+        return Rollout(False, True, f"{name}: rollout failed: ProgressDeadlineExceeded: "
+                                    f"{progressing.get('message', '')}".rstrip(": "))
     wanted = (deployment.get("spec") or {}).get("replicas", 1)
-    return available and (status.get("availableReplicas") or 0) >= wanted and \
-        status.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 0)
+    replicas, updated, available = (status.get(k) or 0 for k in (
+        "replicas", "updatedReplicas", "availableReplicas"))
+    if updated < wanted:
+        return Rollout(False, False, f"{name}: {updated} of {wanted} replicas updated")
+    if replicas > updated:
+        return Rollout(False, False, f"{name}: {replicas - updated} old replicas pending "
+                                     "termination")
+    if available < updated:
+        return Rollout(False, False, f"{name}: {available} of {updated} updated replicas "
+                                     "available")
+    return Rollout(True, False, f"{name}: rolled out")
 
 
-def _not_available(components: list[str], deployments: list[dict[str, Any]]) -> list[str]:
-    """Each component that is not Available, with what Kubernetes says about it."""
+def _rollouts(components: list[str], deployments: list[dict[str, Any]]) -> list[Rollout]:
+    """Each component's rollout (a missing Deployment is not done)."""
     by_name = {d["metadata"]["name"]: d for d in deployments}
-    out = []
-    for name in components:
-        d = by_name.get(name)
-        if d is None:
-            out.append(f"{name}: missing")
-        elif not _available(d):
-            status = d.get("status") or {}
-            why = next((c.get("message") or c.get("reason", "") for c in status.get("conditions")
-                        or [] if c.get("type") == "Available"), "")
-            out.append(f"{name}: {status.get('availableReplicas') or 0}/"
-                       f"{d['spec'].get('replicas', 1)} available" + (f" ({why})" if why else ""))
-    return out
+    return [rollout(by_name[name]) if name in by_name else Rollout(False, False,
+                                                                   f"{name}: missing")
+            for name in components]
+
+
+def _not_done(rollouts: list[Rollout]) -> list[str]:
+    return [r.message for r in rollouts if not r.done]
 
 
 def _node_status(node: dict[str, Any]) -> NodeStatus:
@@ -121,9 +145,11 @@ class KubernetesBackend(Backend):
                 "Airflow's connections, not from the vault")
 
     def validate_update(self, recorded: Cluster, desired: ClusterSpec) -> None:
-        """What a managed cluster cannot change in place: where it lives, its roles and
-        network, its Kubernetes version (upgrades are not done by Airfleet), and a node pool's
-        instance types."""
+        """What cannot change in place: a field Kubernetes keeps immutable on an object we
+        made (a model cache PVC's storage class, access mode, a smaller size); and for a
+        managed cluster where it lives, its roles and network, its Kubernetes version
+        (upgrades are not done by Airfleet), and a node pool's instance types."""
+        _refuse_immutable_changes(recorded, desired)
         if recorded.spec.provider not in CLOUDS:
             return
         provider = recorded.spec.provider.value
@@ -142,6 +168,17 @@ class KubernetesBackend(Backend):
                     f"pool's instance types cannot change (pool {pool.name} has "
                     f"{kinds[pool.name]}); add a pool under a new name and drop this one")
 
+    def preflight(self, cluster: Cluster, ctx: BackendContext) -> None:
+        """An existing cluster: its API answers and the kubeconfig's identity holds every
+        permission the flow needs, so a missing one fails before anything is made. A cluster
+        Airfleet provisions (eks, aks) is checked once it exists (:meth:`provision`)."""
+        if cluster.spec.provider in CLOUDS:
+            return
+        try:
+            self._check_access(self._kube(ctx), cluster, ctx)
+        except (MissingPermissions, KubeError) as exc:
+            raise InvalidRequest(f"cluster.spec.config.kubernetes.credential: {exc}") from None
+
     # ---- the managed cluster (eks, aks) -----------------------------------------------------
 
     def provision(self, cluster: Cluster, ctx: BackendContext) -> Wait | None:
@@ -158,7 +195,7 @@ class KubernetesBackend(Backend):
                 ctx.store_kubeconfig(provisioner.admin_kubeconfig())
             ctx.progress(f"provisioning: {cluster.spec.provider.value} cluster "
                          f"{cluster.name} and its node pools are ready")
-        self._check_access(self._kube(ctx), m.namespace_of(cluster.name), ctx)
+        self._check_access(self._kube(ctx), cluster, ctx)
         return None
 
     def scale(self, cluster: Cluster, ctx: BackendContext) -> Wait | None:
@@ -230,7 +267,7 @@ class KubernetesBackend(Backend):
 
     def _install(self, cluster: Cluster, ctx: BackendContext, *, update: bool) -> Observation:
         kube, ns = self._kube(ctx), m.namespace_of(cluster.name)
-        self._check_access(kube, ns, ctx)
+        self._check_access(kube, cluster, ctx)
         self._own_namespace(kube, cluster)
         desired = m.desired_objects(cluster, ctx.clients.get("registry"))
         counts: dict[str, int] = {}
@@ -248,14 +285,18 @@ class KubernetesBackend(Backend):
         summary = ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
         return Observation(True, f"namespace {ns}: {summary}")
 
-    def _check_access(self, kube: Kube, ns: str, ctx: BackendContext) -> None:
+    def _check_access(self, kube: Kube, cluster: Cluster, ctx: BackendContext) -> None:
+        """The API answers and its identity holds every permission the cluster's objects
+        need (:mod:`.access`); raises :class:`MissingPermissions` listing each one missing."""
+        ns = m.namespace_of(cluster.name)
         ctx.log.info("Kubernetes API %s answers: version %s", kube.api_client.configuration.host,
                      kube.version())
-        missing = _can_i(kube, ns)
-        if missing:
+        objects = m.desired_objects(cluster, ctx.clients.get("registry"))
+        lacking = access.missing(kube, ns, access.required(objects, CLEANUP_KINDS))
+        if lacking:
             raise MissingPermissions(
-                f"the kubeconfig's identity lacks {len(missing)} permission(s) Airfleet needs: "
-                + "; ".join(missing) + ". Grant them (a ClusterRole bound to that identity) "
+                f"the kubeconfig's identity lacks {len(lacking)} permission(s) Airfleet needs: "
+                + "; ".join(lacking) + ". Grant them (a ClusterRole bound to that identity) "
                 "and run the flow again; this run changed nothing in the cluster")
 
     @staticmethod
@@ -285,40 +326,45 @@ class KubernetesBackend(Backend):
     # ---- readiness and health ---------------------------------------------------------------
 
     def ready_timeout(self, cluster: Cluster) -> float:
-        return float(m.kube_config(cluster).ready_timeout_seconds)
+        # The Deployments carry the same progressDeadlineSeconds: Kubernetes' own verdict on a
+        # stuck rollout arrives before the wait gives up, so the failure names its reason.
+        return float(m.kube_config(cluster).ready_timeout_seconds) + VERDICT_GRACE_SECONDS
 
     def wait_ready(self, cluster: Cluster, ctx: BackendContext, *,
                    timeout: float | None = None) -> Observation:
-        """Watch the components until every one is Available, for up to ``timeout`` seconds
-        (the spec's ``ready_timeout_seconds`` by default; 0 looks once)."""
+        """Watch the components until every rollout is done or one has failed (Kubernetes
+        reports ProgressDeadlineExceeded), for up to ``timeout`` seconds (the spec's
+        ``ready_timeout_seconds`` by default; 0 looks once)."""
         kube, ns = self._kube(ctx), m.namespace_of(cluster.name)
         wanted = m.components(cluster)
         seconds = self.ready_timeout(cluster) if timeout is None else timeout
-        items = kube.watch_until(
-            "Deployment", ns, lambda ds: not _not_available(wanted, ds), seconds,
-            label_selector=m.selector(cluster.name))
-        pending = _not_available(wanted, items)
-        if pending:
-            return Observation(False, f"not Available after {seconds:g}s: " + "; ".join(pending),
-                               conditions=[_condition("ComponentsAvailable", False, pending)])
-        return Observation(True, f"{', '.join(wanted)} Available",
-                           conditions=[_condition("ComponentsAvailable", True, wanted)])
+
+        def settled(deployments: list[dict[str, Any]]) -> bool:
+            return all(r.done or r.failed for r in _rollouts(wanted, deployments))
+
+        items = kube.watch_until("Deployment", ns, settled, seconds,
+                                 label_selector=m.selector(cluster.name))
+        seen = _components_ready(wanted, _rollouts(wanted, items))
+        if not seen.healthy and not any(r.failed for r in _rollouts(wanted, items)):
+            seen.message = f"not rolled out after {seconds:g}s: {seen.message}"
+        return seen
 
     def health(self, cluster: Cluster, ctx: BackendContext) -> Observation:
-        """API reachable, components Available, and a node readiness summary."""
+        """API reachable, every component rolled out, and a node readiness summary."""
         kube, ns = self._kube(ctx), m.namespace_of(cluster.name)
         kube.version()
         nodes = [_node_status(n) for n in kube.list("Node")["items"]]
         ready = sum(n.phase == "Ready" for n in nodes)
         node_summary = f"nodes {ready}/{len(nodes)} Ready"
         deployments = kube.list("Deployment", ns, label_selector=m.selector(cluster.name))
-        pending = _not_available(m.components(cluster), deployments["items"])
-        conditions = [_condition("ComponentsAvailable", not pending,
-                                 pending or m.components(cluster)),
+        components = _components_ready(m.components(cluster),
+                                       _rollouts(m.components(cluster), deployments["items"]))
+        conditions = [*components.conditions,
                       Condition(type="NodesReady", status="True" if ready else "False",
                                 reason="NodeReadiness", message=node_summary)]
-        problems = pending + ([] if ready else ["no node is Ready"])
-        message = "; ".join(problems) if problems else f"components Available; {node_summary}"
+        problems = ([components.message] if not components.healthy else []) + \
+            ([] if ready else ["no node is Ready"])
+        message = "; ".join(problems) if problems else f"components ready; {node_summary}"
         return Observation(not problems, message, nodes=nodes, conditions=conditions)
 
     # ---- onboarding -------------------------------------------------------------------------
@@ -326,7 +372,7 @@ class KubernetesBackend(Backend):
     def query(self, cluster: Cluster, ctx: BackendContext) -> Observation:
         """Discover an existing cluster read-only: access, permissions and nodes."""
         kube = self._kube(ctx)
-        self._check_access(kube, m.namespace_of(cluster.name), ctx)
+        self._check_access(kube, cluster, ctx)
         nodes = [_node_status(n) for n in kube.list("Node")["items"]]
         for node in nodes:
             ctx.report_node(node)
@@ -350,27 +396,41 @@ class KubernetesBackend(Backend):
 
     def teardown(self, cluster: Cluster, ctx: BackendContext, *, force: bool = False) -> list[str]:
         """Delete the namespace (its content goes with it: a LoadBalancer Service releases its
-        cloud load balancer) and wait until it is gone; :meth:`deprovision` then removes a
-        managed cluster. With ``force``, what could not be removed (an unreachable API, a stuck
-        namespace) is logged and the cluster is reported Deleted all the same."""
+        cloud load balancer) without waiting: Kubernetes keeps it Terminating while it deletes
+        the content, minutes on a real cluster, and the flow waits for that in Airflow's
+        triggerer (:meth:`teardown_done`). :meth:`deprovision` then removes a managed cluster.
+        Returns what cannot be removed (a namespace that is not ours; with ``force``, an API
+        that does not answer); the flow decides what that means."""
         provisioner = self._provisioner(cluster, ctx)
         if provisioner is not None and not provisioner.exists():
             ctx.log.info("cluster %s: the %s cluster is gone, and its namespace with it",
                          cluster.name, cluster.spec.provider.value)
             return []
         try:
-            left = self._delete_namespace(cluster, ctx)
+            return self._delete_namespace(cluster, ctx)
         except KubeError as exc:
             if not force:
                 raise
-            left = [str(exc)]
-        for line in left:
-            ctx.log.warning("cluster %s: left behind: %s", cluster.name, line)
-        if force and left:
-            ctx.log.warning("force: reporting Deleted although %d item(s) remain (manual "
-                            "cleanup may be required)", len(left))
-            return []
-        return left
+            return [str(exc)]
+
+    def teardown_timeout(self, cluster: Cluster) -> float:
+        return float(NAMESPACE_GONE_SECONDS)
+
+    def teardown_done(self, cluster: Cluster, ctx: BackendContext) -> Observation:
+        """Whether the namespace is gone; while it is not, what holds it (the namespace
+        controller's conditions: content remaining, finalizers remaining)."""
+        provisioner = self._provisioner(cluster, ctx)
+        if provisioner is not None and not provisioner.exists():
+            return Observation(True, f"the {cluster.spec.provider.value} cluster is gone")
+        ns = m.namespace_of(cluster.name)
+        live = self._kube(ctx).get("Namespace", ns)
+        if live is None:
+            return Observation(True, f"namespace {ns} is gone")
+        held = [c.get("message", "") for c in (live.get("status") or {}).get("conditions") or []
+                if c.get("type") in HOLDING and c.get("status") == "True"]
+        phase = (live.get("status") or {}).get("phase", "Active")
+        return Observation(False, f"namespace {ns} still {phase}"
+                           + (": " + "; ".join(held) if held else ""))
 
     def _delete_namespace(self, cluster: Cluster, ctx: BackendContext) -> list[str]:
         kube, ns = self._kube(ctx), m.namespace_of(cluster.name)
@@ -381,18 +441,20 @@ class KubernetesBackend(Backend):
         if (live["metadata"].get("labels") or {}).get(m.CLUSTER_LABEL) != cluster.name:
             return [f"namespace {ns} is not Airfleet's (no {m.CLUSTER_LABEL}={cluster.name} "
                     "label): left alone"]
-        kube.delete("Namespace", ns)
-        ctx.log.info("cluster %s: namespace %s deleted; waiting until it is gone",
-                     cluster.name, ns)
-        deadline = time.monotonic() + NAMESPACE_GONE_SECONDS
-        while kube.get("Namespace", ns) is not None:
-            if time.monotonic() > deadline:
-                return [f"namespace {ns} still Terminating after {NAMESPACE_GONE_SECONDS}s "
-                        "(a finalizer holds it?)"]
-            time.sleep(0.5)
+        if not live["metadata"].get("deletionTimestamp"):
+            kube.delete("Namespace", ns)
+        ctx.log.info("cluster %s: namespace %s is being deleted", cluster.name, ns)
         return []
 
 
-def _condition(kind: str, ok: bool, items: list[str]) -> Condition:
-    return Condition(type=kind, status="True" if ok else "False",
-                     reason="Available" if ok else "NotAvailable", message="; ".join(items))
+def _components_ready(components: list[str], rollouts: list[Rollout]) -> Observation:
+    """The ComponentsReady condition: True when every rollout is done; reason RolloutFailed
+    when Kubernetes gave up on one, else RollingOut."""
+    pending = _not_done(rollouts)
+    if not pending:
+        return Observation(True, f"{', '.join(components)} rolled out", conditions=[Condition(
+            type=COMPONENTS_READY, status="True", reason="RolledOut",
+            message="; ".join(components))])
+    reason = "RolloutFailed" if any(r.failed for r in rollouts) else "RollingOut"
+    return Observation(False, "; ".join(pending), conditions=[Condition(
+        type=COMPONENTS_READY, status="False", reason=reason, message="; ".join(pending))])

@@ -1,15 +1,20 @@
-"""Apply semantics over the ``kubernetes`` client: read, compare, create or patch.
+"""Apply semantics over the ``kubernetes`` client: read, compare, server-side apply.
 
 :class:`Kube` wraps the ``ApiClient`` the plugin layer builds from the cncf-kubernetes
 provider's hook. It reaches every kind Airfleet manages through the typed APIs' uniform method
 names (``read_namespaced_config_map``, ...), reads raw JSON (no model round trip that could
-drop fields), and retries what a retry can fix: 429, 5xx and slow or broken connections. Writes
-are safe to retry because each is checked against what exists first, and a create that meets
-an existing object (409) reads it and carries on.
+drop fields), and retries what a retry can fix: 429, 5xx and slow or broken connections.
+
+Objects are written with server-side apply under the field manager ``airfleet`` (forcing
+conflicts on the fields we apply: they are ours). The API server then removes a field we
+applied before and no longer apply (an Ingress class, an ``imagePullSecrets`` entry), which a
+merge patch never does, and leaves alone the fields other managers own. An apply is
+idempotent, so a retried request is safe.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -25,21 +30,28 @@ from airfleet.errors import AirfleetError
 
 log = logging.getLogger(__name__)
 
-# kind -> (typed API class, method suffix, namespaced)
-KINDS: dict[str, tuple[type, str, bool]] = {
-    "Namespace": (client.CoreV1Api, "namespace", False),
-    "Node": (client.CoreV1Api, "node", False),
-    "Secret": (client.CoreV1Api, "secret", True),
-    "ConfigMap": (client.CoreV1Api, "config_map", True),
-    "Service": (client.CoreV1Api, "service", True),
-    "ServiceAccount": (client.CoreV1Api, "service_account", True),
-    "PersistentVolumeClaim": (client.CoreV1Api, "persistent_volume_claim", True),
-    "Pod": (client.CoreV1Api, "pod", True),
-    "Deployment": (client.AppsV1Api, "deployment", True),
-    "Ingress": (client.NetworkingV1Api, "ingress", True),
-    "Role": (client.RbacAuthorizationV1Api, "role", True),
-    "RoleBinding": (client.RbacAuthorizationV1Api, "role_binding", True),
+# kind -> (typed API class, method suffix, namespaced, API group, resource)
+KINDS: dict[str, tuple[type, str, bool, str, str]] = {
+    "Namespace": (client.CoreV1Api, "namespace", False, "", "namespaces"),
+    "Node": (client.CoreV1Api, "node", False, "", "nodes"),
+    "Secret": (client.CoreV1Api, "secret", True, "", "secrets"),
+    "ConfigMap": (client.CoreV1Api, "config_map", True, "", "configmaps"),
+    "Service": (client.CoreV1Api, "service", True, "", "services"),
+    "ServiceAccount": (client.CoreV1Api, "service_account", True, "", "serviceaccounts"),
+    "PersistentVolumeClaim": (client.CoreV1Api, "persistent_volume_claim", True, "",
+                              "persistentvolumeclaims"),
+    "Pod": (client.CoreV1Api, "pod", True, "", "pods"),
+    "Deployment": (client.AppsV1Api, "deployment", True, "apps", "deployments"),
+    "Ingress": (client.NetworkingV1Api, "ingress", True, "networking.k8s.io", "ingresses"),
+    "Role": (client.RbacAuthorizationV1Api, "role", True, "rbac.authorization.k8s.io", "roles"),
+    "RoleBinding": (client.RbacAuthorizationV1Api, "role_binding", True,
+                    "rbac.authorization.k8s.io", "rolebindings"),
 }
+FIELD_MANAGER = "airfleet"
+# sha256 of what Airfleet last applied: an object carrying the hash of today's desired state
+# and every desired value is up to date, so a re-run sends nothing (a field we stopped
+# applying changes the hash, so its removal is never skipped).
+APPLIED_ANNOTATION = "airfleet.io/applied"
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 REQUEST_TIMEOUT = (5, 20)  # connect, read (seconds)
 RETRY_SECONDS = 60  # give up on a request that keeps failing after this long
@@ -98,7 +110,7 @@ class Kube:
     def _method(self, verb: str, kind: str, *, all_namespaces: bool = False
                 ) -> tuple[Callable[..., Any], bool]:
         """The typed API method for ``verb`` on ``kind``, and whether it takes a namespace."""
-        api_class, suffix, namespaced = KINDS[kind]
+        api_class, suffix, namespaced, _, _ = KINDS[kind]
         api = self._apis.setdefault(api_class, api_class(self.api_client))
         if namespaced and all_namespaces:
             return getattr(api, f"{verb}_{suffix}_for_all_namespaces"), False
@@ -138,10 +150,22 @@ class Kube:
                                     _preload_content=False))
 
     def patch(self, kind: str, name: str, namespace: str | None, body: dict[str, Any]) -> dict:
+        """A JSON merge patch (e.g. removing a finalizer); objects are written by :meth:`apply`."""
         fn, namespaced = self._method("patch", kind)
         args = (name, namespace, body) if namespaced else (name, body)
         return self._json(self.call(f"patch {kind} {name}", fn, *args, _preload_content=False,
                                     _content_type="application/merge-patch+json"))
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply of ``obj`` as field manager ``airfleet``: creates it when missing,
+        sets every field it names, and removes the fields we applied before and not now."""
+        kind, meta = obj["kind"], obj["metadata"]
+        fn, namespaced = self._method("patch", kind)
+        args = (meta["name"], meta["namespace"], obj) if namespaced else (meta["name"], obj)
+        return self._json(self.call(f"apply {kind} {meta['name']}", fn, *args,
+                                    field_manager=FIELD_MANAGER, force=True,
+                                    _preload_content=False,
+                                    _content_type="application/apply-patch+yaml"))
 
     def delete(self, kind: str, name: str, namespace: str | None = None) -> bool:
         """Delete; False when it was already gone."""
@@ -158,30 +182,17 @@ class Kube:
     # ---- apply ------------------------------------------------------------------------------
 
     def ensure(self, desired: dict[str, Any], *, update: bool = True) -> Outcome:
-        """Make ``desired`` exist: create it when missing; when it exists and differs, patch
-        it to the desired fields (``update``) or leave it (onboarding installs only what is
-        missing)."""
+        """Make ``desired`` exist: applied when missing; when it exists and differs, applied
+        again (``update``) or left as it is (onboarding installs only what is missing)."""
+        desired = with_applied_hash(desired)
         kind, meta = desired["kind"], desired["metadata"]
-        name, namespace = meta["name"], meta.get("namespace")
-        live = self.get(kind, name, namespace)
-        if live is None:
-            try:
-                self.create(desired)
-                return Outcome(kind, name, "created")
-            except KubeError as exc:
-                if exc.status != 409:
-                    raise
-                # Created meanwhile (a retried POST that had landed, or a racing run).
-                live = self.get(kind, name, namespace)
-                if live is None:
-                    raise
-        if contains(live, desired):
-            return Outcome(kind, name, "unchanged")
-        if not update:
-            return Outcome(kind, name, "adopted")
-        body = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
-        self.patch(kind, name, namespace, body)
-        return Outcome(kind, name, "updated")
+        live = self.get(kind, meta["name"], meta.get("namespace"))
+        if live is not None and contains(live, desired):
+            return Outcome(kind, meta["name"], "unchanged")
+        if live is not None and not update:
+            return Outcome(kind, meta["name"], "adopted")
+        self.apply(desired)
+        return Outcome(kind, meta["name"], "created" if live is None else "updated")
 
     # ---- permissions ------------------------------------------------------------------------
 
@@ -235,6 +246,14 @@ class Kube:
                 self.sleep(0.5)
             if time.monotonic() >= deadline:
                 return list(items.values())
+
+
+def with_applied_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` annotated with the hash of itself (see :data:`APPLIED_ANNOTATION`)."""
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    meta = obj["metadata"]
+    annotations = {**(meta.get("annotations") or {}), APPLIED_ANNOTATION: digest}
+    return {**obj, "metadata": {**meta, "annotations": annotations}}
 
 
 def contains(live: Any, desired: Any) -> bool:

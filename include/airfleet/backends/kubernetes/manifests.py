@@ -36,6 +36,17 @@ REGISTRY_CA = "airfleet-registry-ca"
 CACHES = "airfleet-model-caches"
 ROUTER_PORT = 8080
 VMAGENT_PORT = 8429
+# Fields the API server refuses to change on an existing object (422 Invalid): a PVC's spec
+# but a larger storage request, a Deployment's selector, a Service's cluster IP, a binding's
+# roleRef. An update that would change one is refused before anything is touched.
+IMMUTABLE: dict[str, tuple[str, ...]] = {
+    "PersistentVolumeClaim": ("spec.storageClassName", "spec.accessModes"),
+    "Deployment": ("spec.selector",),
+    "Service": ("spec.clusterIP",),
+    "RoleBinding": ("roleRef",),
+}
+PVC_STORAGE = "spec.resources.requests.storage"  # may grow, never shrink
+_BINARY_UNITS = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5}
 
 
 def namespace_of(cluster_name: str) -> str:
@@ -127,6 +138,8 @@ def pod_reader(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
 def _deployment(cluster: Cluster, ns: str, name: str, component: str, replicas: int,
                 container: dict[str, Any], pull_secrets: list[str],
                 volumes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A Deployment whose rollout Kubernetes itself calls failed (Progressing False,
+    ProgressDeadlineExceeded) once it makes no progress for the spec's ready timeout."""
     match = {NAME_LABEL: name, CLUSTER_LABEL: cluster.name}
     pod_spec: dict[str, Any] = {"serviceAccountName": POD_READER, "containers": [container]}
     if pull_secrets:
@@ -135,6 +148,7 @@ def _deployment(cluster: Cluster, ns: str, name: str, component: str, replicas: 
         pod_spec["volumes"] = volumes
     return _meta(cluster, ns, "apps/v1", "Deployment", name, component, spec={
         "replicas": replicas,
+        "progressDeadlineSeconds": kube_config(cluster).ready_timeout_seconds,
         "selector": {"matchLabels": match},
         "template": {"metadata": {"labels": {**labels(cluster, component), **match}},
                      "spec": pod_spec}})
@@ -243,3 +257,36 @@ def model_caches(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
     out.append(_meta(cluster, ns, "v1", "ConfigMap", CACHES, "model-cache",
                      data={"caches.json": json.dumps(recorded, indent=2, sort_keys=True)}))
     return out
+
+
+# ---- what an update may not change -----------------------------------------------------------
+
+def _field(obj: dict[str, Any], path: str) -> Any:
+    value: Any = obj
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def storage_bytes(size: str) -> int:
+    """A PVC size as the spec allows it (``500Gi``) in bytes."""
+    return int(size[:-2]) * 1024 ** _BINARY_UNITS[size[-2:]]
+
+
+def immutable_changes(before: list[dict[str, Any]], after: list[dict[str, Any]],
+                      ) -> list[tuple[dict[str, Any], str, Any, Any]]:
+    """``(object, field, was, wanted)`` for each field of :data:`IMMUTABLE` (and each PVC
+    shrink) that going from the objects ``before`` to ``after`` would change."""
+    old = {(o["kind"], o["metadata"]["name"]): o for o in before}
+    changes = []
+    for obj in after:
+        was = old.get((obj["kind"], obj["metadata"]["name"]))
+        if was is None:
+            continue
+        for path in IMMUTABLE.get(obj["kind"], ()):
+            if _field(was, path) != _field(obj, path):
+                changes.append((obj, path, _field(was, path), _field(obj, path)))
+        if obj["kind"] == "PersistentVolumeClaim" and \
+                storage_bytes(_field(obj, PVC_STORAGE)) < storage_bytes(_field(was, PVC_STORAGE)):
+            changes.append((obj, PVC_STORAGE, _field(was, PVC_STORAGE), _field(obj, PVC_STORAGE)))
+    return changes
