@@ -161,10 +161,10 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _used_subnets() -> set[int]:
-    """k of every 10.200.k.x address or route on the host."""
+def _used_subnets(network: str = "10.200") -> set[int]:
+    """k of every <network>.k.x address or route on the host."""
     text = _sh("ip", "-o", "-4", "addr").stdout + _sh("ip", "-4", "route", "show", "table", "all").stdout
-    return {int(k) for k in re.findall(r"\b10\.200\.(\d+)\.", text)}
+    return {int(k) for k in re.findall(rf"\b{re.escape(network)}\.(\d+)\.", text)}
 
 
 def check_tools() -> None:
@@ -279,12 +279,14 @@ class NodeFarm:
     """`count` SSH hosts on a private bridge; a context manager (see the module docstring).
 
     `sshd_extra` is appended to every node's sshd_config (e.g. "LogLevel DEBUG").
+    `network` is the /16 the farm's /24 is taken from: `network="10.0", subnet_index=0` puts
+    the nodes at 10.0.0.2, .3, ... (the addresses README.md shows; tests/e2e/test_readme.py).
     """
 
     def __init__(self, count: int, *, name_prefix: str = "node", subnet_index: int | None = None,
-                 base_dir: str = "/var/tmp", sshd_extra: str = ""):
+                 base_dir: str = "/var/tmp", sshd_extra: str = "", network: str = "10.200"):
         self.count, self.name_prefix, self.subnet_index = count, name_prefix, subnet_index
-        self.base_dir, self.sshd_extra = base_dir, sshd_extra
+        self.base_dir, self.sshd_extra, self.network = base_dir, sshd_extra, network
         self.bridge = f"afb{random.randbytes(2).hex()}"  # also the prefix of veths and netns
         self.nodes: list[Node] = []
         self.dir: Path | None = None
@@ -298,12 +300,12 @@ class NodeFarm:
 
     @property
     def subnet(self) -> str:
-        return f"10.200.{self.subnet_index}.0/24"
+        return f"{self.network}.{self.subnet_index}.0/24"
 
     @property
     def host_address(self) -> str:
         """The host's (test process's) address on the bridge."""
-        return f"10.200.{self.subnet_index}.1"
+        return f"{self.network}.{self.subnet_index}.1"
 
     def start(self) -> NodeFarm:
         """Build everything and boot every node; on any failure clean up and re-raise."""
@@ -321,11 +323,11 @@ class NodeFarm:
         return self
 
     def _reserve_subnet(self) -> None:
-        """Pick 10.200.k.0/24 unused on the host, held by a lock file until close()."""
+        """Pick <network>.k.0/24 unused on the host, held by a lock file until close()."""
         wanted = [self.subnet_index] if self.subnet_index is not None else random.sample(range(256), 256)
-        used = _used_subnets()
+        used = _used_subnets(self.network)
         for k in (k for k in wanted if k not in used):
-            lock = open(LOCK_DIR / f"airfleet-nodefarm-10.200.{k}.lock", "w")  # noqa: SIM115
+            lock = open(LOCK_DIR / f"airfleet-nodefarm-{self.network}.{k}.lock", "w")  # noqa: SIM115
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -333,7 +335,7 @@ class NodeFarm:
                 continue
             self.subnet_index, self._lock = k, lock
             return
-        raise RuntimeError(f"no free 10.200.k.0/24 subnet (asked {wanted[:3]}, used {sorted(used)})")
+        raise RuntimeError(f"no free {self.network}.k.0/24 subnet (asked {wanted[:3]}, used {sorted(used)})")
 
     def _write_files(self) -> None:
         """Keys, authorized_keys, hosts, resolv.conf, and per node: dirs, passwd, sshd_config."""
@@ -343,7 +345,7 @@ class NodeFarm:
         (self.dir / "authorized_keys").write_text(client_key + "\n")
         for i in range(self.count):
             name = f"{self.name_prefix}{i}"
-            self.nodes.append(Node(name=name, hostname=name, address=f"10.200.{self.subnet_index}.{i + 2}",
+            self.nodes.append(Node(name=name, hostname=name, address=f"{self.network}.{self.subnet_index}.{i + 2}",
                                    netns=f"{self.bridge}-{name}", dir=self.dir / name, farm_dir=self.dir))
         hosts = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
         (self.dir / "hosts").write_text("\n".join(hosts + [f"{n.address} {n.hostname}" for n in self.nodes]) + "\n")
