@@ -13,6 +13,11 @@ LABEL org.opencontainers.image.title="airfleet" \
       org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.description="Apache Airflow 3.3.2 with Airfleet (AI-inference cluster lifecycle)"
 
+# bubblewrap: the policy sandbox (policies/README.md); it isolates only where the container may
+# create namespaces, and Airfleet reports which. Installed as root; everything after runs as airflow.
+USER root
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap && rm -rf /var/lib/apt/lists/*
+
 # The base image's default user; pip installs into its ~/.local (the image sets PIP_USER=true),
 # never as root. ~/.local/bin is already on PATH, which is where the `airfleet` script lands.
 USER airflow

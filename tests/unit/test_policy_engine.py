@@ -128,7 +128,18 @@ def test_what_a_policy_prints_never_becomes_its_answer(folder):
 def test_the_child_gets_a_minimal_environment(folder, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_CANARY", "postgresql://u:canary-secret@db/x")
     d = decide(folder, "env")
-    assert "canary-secret" not in d.reason and set(json.loads(d.reason)) <= {"PATH", "LANG"}
+    # PWD: the working directory the sandbox set (bwrap exports it)
+    assert "canary-secret" not in d.reason and \
+        set(json.loads(d.reason)) <= {"PATH", "LANG", "PWD"}
+
+
+def test_each_decision_says_how_far_its_policy_was_kept_from_secrets(folder):
+    from airfleet.policy import sandbox
+
+    assert decide(folder, "allow").isolation == sandbox.current().status  # probed on this host
+    assert decide(folder, "allow", mode="local").isolation.startswith("not isolated:")
+    (unbound,) = policy.decide([], "add_node", REQUEST, folder)
+    assert unbound.isolation is None  # no policy ran
 
 
 def test_binding_params_reach_the_policy(folder):

@@ -360,3 +360,34 @@ def test_required_labels_names_every_missing_and_wrong_label():
     fixed = {"team": "ads", "env": "prod", "owner": "kim"}
     ok = request("update_cluster", {"changed": [], "labels": fixed}, params=params)
     assert evaluate("required_labels", ok)["allowed"]
+
+
+# every shipped policy as a binding runs it by default: subprocess mode (the sandbox, here)
+
+SUBPROCESS_CASES = [
+    ("max_nodes", request("add_node", params={"max_nodes": 3})),
+    ("cap_node_pool", request("scale_nodegroup", {"pool": "gpu", "from": sizes(1),
+                                                  "to": sizes(6, hi=8)})),
+    ("allowed_gpu_models", request("create_cluster", params={"models": ["H100"]})),
+    ("min_workers", request("remove_node", params={"min_workers": 2})),
+    ("maintenance_window", request("scale_nodegroup", params={
+        "windows": [{"days": ["wed"], "start": "14:00", "end": "15:00"}],
+        "timezone": "Asia/Tokyo", "actions": ["scale_nodegroup"]})),
+    ("required_labels", request("create_cluster", params={"labels": {"owner": []}})),
+    ("stability", {**request("check_stability"), "input": {}}),
+]
+
+
+@pytest.mark.parametrize(("name", "req"), SUBPROCESS_CASES, ids=[c[0] for c in SUBPROCESS_CASES])
+def test_each_shipped_policy_decides_the_same_in_subprocess_mode(name, req):
+    from airfleet import policy
+
+    spec = importlib.util.spec_from_file_location(f"inproc_{name}", ROOT / "policies" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    expected = module.evaluate(copy.deepcopy(req))
+    binding = policy.Binding(req["action"], name, params=req["params"])
+    (decision,) = policy.decide([binding], req["action"], req, ROOT / "policies")
+    assert decision.mode == "subprocess" and decision.isolation
+    assert (decision.allowed, decision.reason) == (expected["allowed"], expected["reason"])
+    assert decision.input == expected.get("input", req["input"])

@@ -5,7 +5,8 @@ module-level ``evaluate(request)``. It returns a decision: ``{"allowed": bool, "
 optionally with ``"input"``, the action's input changed in the fields the action lets a policy
 change (:data:`MUTABLE_INPUT`); a plain dict needs no import of ours. Bindings (in the store)
 name the policies that judge an action, globally or per cluster (per-cluster wins), and how
-each runs (:mod:`airfleet.policy.runner`). Whatever goes wrong inside a policy (it raises,
+each runs (:mod:`airfleet.policy.runner`; subprocess mode's sandbox:
+:mod:`airfleet.policy.sandbox`). Whatever goes wrong inside a policy (it raises,
 hangs, answers garbage, its server is down) is a deny that says so, never a hung run.
 """
 
@@ -65,6 +66,7 @@ class Decision:
     input: dict[str, Any] | None = None  # the input the action goes on with
     changed: tuple[str, ...] = ()  # the input fields the policy changed
     elapsed_ms: float = 0.0
+    isolation: str | None = None  # how far the policy was kept from secrets (runner.isolation)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "changed": list(self.changed)}
@@ -153,7 +155,7 @@ def decide(bindings: Sequence[Binding], action: str, request: dict[str, Any],
     """Every bound policy's decision on ``action``, in binding order. Each policy sees the
     input as the ones before it changed it; a deny does not stop the others (the run's
     report names every reason)."""
-    from airfleet.policy.runner import run
+    from airfleet.policy.runner import isolation, run
 
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}; actions are {', '.join(ACTIONS)}")
@@ -177,7 +179,7 @@ def decide(bindings: Sequence[Binding], action: str, request: dict[str, Any],
             decision = _failed(binding, version, current["input"], str(exc))
         except OSError as exc:
             decision = _failed(binding, version, current["input"], f"cannot be read: {exc}")
-        decision = _timed(decision, started)
+        decision = replace(_timed(decision, started), isolation=isolation(binding))
         decisions.append(decision)
         if decision.allowed:
             current["input"] = decision.input

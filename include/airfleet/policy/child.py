@@ -1,22 +1,26 @@
 """One policy in its own interpreter: ``python -I child.py POLICY_FILE MEMORY_MB``.
 
-The request comes as JSON on stdin; the answer goes as JSON to stdout, ``{"decision": ...}`` or
-``{"error": "..."}``; whatever the policy prints goes to stderr. Standard library only: this
-file runs by path, outside the airfleet package, in an interpreter that holds no secrets.
+Stdin is JSON ``{"source": ..., "request": ...}``: the policy's source comes from the parent, so
+the policy file need not be readable here (inside the sandbox its folder may be hidden);
+POLICY_FILE only names it in tracebacks. The answer goes as JSON to stdout,
+``{"decision": ...}`` or ``{"error": "..."}``; whatever the policy prints goes to stderr.
+Standard library only: this file runs by path, outside the airfleet package, in an interpreter
+that holds no secrets.
 """
 
-import importlib.util
 import json
 import os
 import resource
 import sys
 import traceback
+import types
 
 
-def _evaluate(path: str, request: dict) -> dict:
-    spec = importlib.util.spec_from_file_location("airfleet_policy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _evaluate(path: str, source: str, request: dict) -> dict:
+    module = types.ModuleType("airfleet_policy")
+    module.__file__ = path
+    sys.modules[module.__name__] = module  # as an import would (dataclasses look it up)
+    exec(compile(source, path, "exec"), module.__dict__)
     result = module.evaluate(request)
     if not isinstance(result, dict):  # a decision object: its attributes
         result = {k: getattr(result, k) for k in ("allowed", "reason", "input")
@@ -35,7 +39,8 @@ def main() -> None:
     answer = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # the policy's prints go to stderr, never into the answer
     try:
-        result = _evaluate(path, json.load(sys.stdin))
+        given = json.load(sys.stdin)
+        result = _evaluate(path, given["source"], given["request"])
     except MemoryError:
         result = {"error": f"ran out of memory (limit {memory_mb} MB)"}
     except BaseException as exc:  # SystemExit and KeyboardInterrupt too: all are a deny

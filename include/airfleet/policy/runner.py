@@ -1,8 +1,9 @@
 """How a bound policy runs: ``subprocess`` (the default), ``local`` or ``http``.
 
 - ``subprocess``: a separate interpreter (``python -I``, a minimal environment, an address-space
-  limit), the request as JSON on stdin and the decision as JSON on stdout; killed with its
-  process group at the timeout. Untrusted code sees nothing but the request.
+  limit), the policy's source and the request as JSON on stdin and the decision as JSON on
+  stdout; killed with its process group at the timeout. Isolated only inside the bwrap sandbox
+  of :mod:`airfleet.policy.sandbox`, where one can be made; elsewhere it says it is not.
 - ``local``: imported and called in-process, for trusted code; a call still running at the
   timeout is abandoned (its thread cannot be killed) and the action denied.
 - ``http``: the request POSTed as JSON to the binding's URL; the decision is the JSON answer.
@@ -22,11 +23,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from airfleet.policy import Binding, PolicyFailed, _short, policy_path, source_version
+from airfleet.policy import Binding, PolicyFailed, _short, policy_path, sandbox, source_version
 
 CHILD = Path(__file__).with_name("child.py")
 # The child's whole environment: nothing of the task's (connections, keys, tokens) reaches it.
-CHILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+CHILD_ENV = sandbox.ENV
 
 
 def run(binding: Binding, request: dict[str, Any], directory: Path | None = None) -> Any:
@@ -38,14 +39,25 @@ def run(binding: Binding, request: dict[str, Any], directory: Path | None = None
     return _subprocess(path, binding, request)
 
 
+def isolation(binding: Binding) -> str:
+    """What a decision reports about how far the policy was kept from the worker's secrets."""
+    if binding.mode == "subprocess":
+        return sandbox.current().status
+    if binding.mode == "local":
+        return "not isolated: runs inside the worker (local mode)"
+    return "the policy server's own (http mode)"
+
+
 def _subprocess(path: Path, binding: Binding, request: dict[str, Any]) -> Any:
-    proc = subprocess.Popen(
-        [sys.executable, "-I", str(CHILD), str(path), str(binding.memory_mb)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=CHILD_ENV,
-        cwd="/", start_new_session=True)
+    box = sandbox.current()
+    payload = json.dumps({"source": path.read_text(), "request": request}).encode()
+    command = [*box.argv, sys.executable, "-I", str(CHILD), str(path), str(binding.memory_mb)]
+    # cwd: the sandbox starts the child in its own empty /tmp; unsandboxed, in /.
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=CHILD_ENV, cwd="/",
+                            start_new_session=True)
     try:
-        out, err = proc.communicate(json.dumps(request).encode(),
-                                    timeout=binding.timeout_seconds)
+        out, err = proc.communicate(payload, timeout=binding.timeout_seconds)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         raise PolicyFailed(f"did not answer within {binding.timeout_seconds:g} s "
@@ -69,7 +81,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    proc.communicate()
+    proc.wait()
+    # Not communicate(): a process that left the group may still hold the pipes open.
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        pipe.close()
 
 
 _MODULES: dict[tuple[str, str], Any] = {}
