@@ -134,6 +134,36 @@ def test_a_cluster_page_has_spec_status_and_history(api):
     assert events[0]["run"]["dag_id"] == "airfleet_cluster_create"
 
 
+def _deleted(store: Store, name: str, left: list[str]) -> None:
+    record = store.require_cluster(name)
+    status = record.cluster.status.model_copy(update={
+        "phase": Phase.DELETED, "left_behind": left,
+        "message": "deleted by force; left behind: " + "; ".join(left) if left else
+        "every component removed"})
+    store.set_status(name, status, reason="DeletedByForce" if left else "Deleted",
+                     run_id="airfleet_cluster_delete/manual__2", expected_version=record.version)
+
+
+def test_a_cluster_deleted_by_force_stays_in_the_fleet_with_what_it_left(api):
+    _running(api.store, "llm-a")
+    _running(api.store, "llm-b")
+    _deleted(api.store, "llm-a", ["10.0.0.2: container airfleet-ray-worker"])
+    _deleted(api.store, "llm-b", [])  # clean: gone from the fleet
+    viewer = _auth(api, "viewer")
+
+    fleet = api.get(f"{API}/clusters", headers=viewer).json()
+    assert [(c["name"], c["phase"]) for c in fleet["clusters"]] == [("llm-a", "Deleted")]
+    assert fleet["clusters"][0]["left_behind"] == ["10.0.0.2: container airfleet-ray-worker"]
+    page = api.get(f"{API}/clusters/llm-a", headers=viewer).json()
+    assert page["status"]["message"].startswith("deleted by force; left behind: 10.0.0.2")
+    assert api.get(f"{API}/clusters/llm-b", headers=viewer).status_code == 404
+    # The name used again: the new cluster is what the fleet shows.
+    _running(api.store, "llm-a")
+    fleet = api.get(f"{API}/clusters", headers=viewer).json()
+    assert [(c["name"], c["phase"], c["left_behind"]) for c in fleet["clusters"]] == [
+        ("llm-a", "Running", [])]
+
+
 @pytest.mark.parametrize("params,field", [({"phase": "Sleeping"}, "phase"),
                                           ({"type": "slurm"}, "type"),
                                           ({"provider": "gcp"}, "provider"),
