@@ -8,6 +8,8 @@
   it moves to Airflow's triggerer (freeing the worker slot). Default: 30.
 - ``AIRFLEET_CLOUD_POLL_SECONDS``: how often a wait on EKS or AKS (cluster, node pool,
   operation) asks the cloud again, in the triggerer. Default: 30.
+- ``AIRFLEET_LEASE_SECONDS``: how long a flow's lease on a cluster lasts unless renewed; a
+  wait in Airflow's triggerer renews it every third of that. Default: 3600.
 """
 
 from __future__ import annotations
@@ -52,3 +54,11 @@ def health_concurrency() -> int:
 def health_timeout() -> float:
     """Seconds one cluster's health probe may take before it counts as failed."""
     return float(os.environ.get("AIRFLEET_HEALTH_TIMEOUT_SECONDS", "20"))
+
+
+def lease_seconds() -> float:
+    """Seconds a cluster lease lasts from its last renewal (at least 1)."""
+    seconds = float(os.environ.get("AIRFLEET_LEASE_SECONDS") or 3600)
+    if seconds < 1:
+        raise ValueError(f"AIRFLEET_LEASE_SECONDS={seconds:g}: a lease must last at least 1 s")
+    return seconds

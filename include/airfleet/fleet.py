@@ -95,10 +95,22 @@ def detail(record: ClusterRecord, lease: Lease | None = None) -> dict[str, Any]:
     status = record.cluster.status.model_dump(mode="json")
     return {**summary(record, lease), "uid": record.uid,
             "created_at": _iso(record.created_at), "updated_at": _iso(record.updated_at),
+            "dashboard": dashboard_access(record),
             "spec": redact_sealed(record.cluster.spec.model_dump(mode="json")),
             "status": {k: status[k] for k in ("phase", "message", "observed_at", "nodes",
                                              "accelerators", "conditions", "failed_probes",
                                              "resources", "health_checked_at")}}
+
+
+def dashboard_access(record: ClusterRecord) -> dict[str, str] | None:
+    """How a person reaches a static-nodes cluster's Ray dashboard: it answers on the head's
+    loopback only, so through an SSH forward (``ssh``), then in a browser (``url``)."""
+    ssh = record.cluster.spec.config.ssh
+    if ssh is None:
+        return None
+    port = ssh.ray.dashboard_port
+    return {"ssh": f"ssh -N -L {port}:127.0.0.1:{port} -p {ssh.port} {ssh.user}@{ssh.head}",
+            "url": f"http://127.0.0.1:{port}"}
 
 
 def event(e: Event) -> dict[str, Any]:

@@ -49,6 +49,15 @@ def ssh_access(cluster: Cluster):
         raise InvalidRequest(f"{SSH_FIELD}: {exc}") from None
 
 
+def ssh_dashboard(cluster: Cluster):
+    """How a static-nodes verb reaches the head's Ray dashboard: through an SSH forward over
+    the verb's own SSH connection to the head (the dashboard answers on the head's loopback
+    only). Never plain HTTP: that is for simulated dashboards in tests."""
+    from airfleet.backends.ssh.tunnel import through_ssh
+
+    return through_ssh
+
+
 def kubernetes_client(cluster: Cluster):
     """An ``ApiClient`` from the cncf-kubernetes provider's hook: the kubeconfig of an Airflow
     Kubernetes connection (its ``kube_config`` / ``kube_config_path`` extras), or a kubeconfig
@@ -254,5 +263,5 @@ def _vault_text(ref: CredentialRef, field: str) -> str:
         raise InvalidRequest(f"{field}: {exc}") from None
 
 
-BUILDERS = {"ssh": ssh_access, "registry": registry_login, "kubernetes": kubernetes_client,
-            "cloud": cloud_client}
+BUILDERS = {"ssh": ssh_access, "registry": registry_login, "dashboard": ssh_dashboard,
+            "kubernetes": kubernetes_client, "cloud": cloud_client}

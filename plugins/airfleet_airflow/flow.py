@@ -241,33 +241,6 @@ def is_registered(lease: dict[str, Any]) -> bool:
 
 
 @task
-def teardown(checked: dict[str, Any], lease: dict[str, Any]) -> None:
-    """The cluster's own components (Ray nodes, the namespace); what is left fails the run,
-    each item named (unless ``force``: then it is recorded and the delete goes on)."""
-    import time
-
-    from airfleet import flows
-    from airfleet.backends import get_backend
-    from airfleet_airflow.clients import clients_for
-
-    store, ref, force = _store(), _lease(lease), bool(checked.get("force"))
-    try:
-        left = flows.run_verb(store, ref, "teardown", clients_for, force=force)
-        cluster = store.require_cluster(ref.name).cluster
-        deadline = time.monotonic() + get_backend(cluster.spec.type).teardown_timeout(cluster)
-        while not left:
-            seen = flows.probe(store, ref, "teardown_done", clients_for)
-            if seen.healthy:
-                break
-            if time.monotonic() > deadline:
-                left = [seen.message]
-            time.sleep(0.5)
-        flows.teardown_left(store, ref, left, force=force)
-    except Exception as exc:
-        raise permanent_error(exc) from None
-
-
-@task
 def deleted(lease: dict[str, Any]) -> None:
     from airfleet import flows
 

@@ -13,6 +13,17 @@ DEFER_MARGIN = timedelta(minutes=10)
 LEASE_TASK = "acquire_lease"  # the task id of airfleet_airflow.flow.acquire_lease
 
 
+def _fail_if_lease_lost(event: dict[str, Any] | None) -> None:
+    """A wait that ended because the run lost its lease fails the task, no retry: the
+    cluster is another run's now, and a retry would hold a stale fencing token anyway."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airfleet_airflow.triggers import LEASE_LOST
+
+    if event and event.get("status") == LEASE_LOST:
+        raise AirflowFailException(event["message"])
+
+
 class _FlowOperator(BaseOperator):
     """An operator that runs backend verbs under the flow's lease."""
 
@@ -59,8 +70,9 @@ class RayDrainNodesOperator(_FlowOperator):
 
     ``ray drain-node`` (reason PREEMPTION, a message naming the run, the spec's
     ``drain_deadline_seconds``) lets running work finish while nothing new lands there; the
-    wait for DEAD runs in the triggerer (:class:`RayNodesDeadTrigger`), not in a worker slot.
-    A node still busy at the deadline is stopped by force, and its status says so. With
+    wait for DEAD runs in the triggerer (:class:`RayNodesDeadTrigger`), not in a worker slot,
+    and keeps the run's lease however long the drain takes (a lease lost meanwhile fails the
+    task). A node still busy at the deadline is stopped by force, and its status says so. With
     nothing removed, the task succeeds at once.
 
     :param lease: the flow's lease (the ``acquire_lease`` XCom): every write is fenced by it.
@@ -74,6 +86,7 @@ class RayDrainNodesOperator(_FlowOperator):
     def execute(self, context: Any) -> None:
         import time
 
+        from airfleet import flows
         from airfleet_airflow.triggers import RayNodesDeadTrigger
 
         ticket = self._verb("drain_nodes")
@@ -85,8 +98,9 @@ class RayDrainNodesOperator(_FlowOperator):
             self._verb("stop_nodes", forced=[])
             return
         self.log.info("draining %s (deadline %s s)", ticket["nodes"], ticket["deadline_seconds"])
+        lease = flows.LeaseRef.from_dict(self.lease).to_dict()  # no secret: name, run, token
         self.defer(
-            trigger=RayNodesDeadTrigger(ticket["dashboard_url"], ticket["nodes"],
+            trigger=RayNodesDeadTrigger(lease, ticket["nodes"],
                                         time.time() + ticket["deadline_seconds"],
                                         self.poll_interval),
             method_name="execute_complete",
@@ -97,6 +111,7 @@ class RayDrainNodesOperator(_FlowOperator):
 
         if event is None:
             raise AirflowException("the drain trigger ended without an event")
+        _fail_if_lease_lost(event)
         self.log.info("drain ended (%s): %s; forced stop for %s", event["status"],
                       event["message"], event["alive"] or "none")
         self._verb("stop_nodes", forced=event["alive"])
@@ -107,7 +122,7 @@ class WaitReadyOperator(_FlowOperator):
 
     The backend says how long the wait may take in all (``ready_timeout``; 0: ``apply``
     already waited). The first ``inline_seconds`` are a watch inside this task, which is
-    where most waits end; a longer wait moves to the triggerer (:class:`ClusterReadyTrigger`)
+    where most waits end; a longer wait moves to the triggerer (:class:`ClusterProbeTrigger`)
     so no worker slot is held through image pulls. The last look is recorded: not ready at the
     deadline fails the task, and the cluster, naming each component that is not.
 
@@ -131,7 +146,7 @@ class WaitReadyOperator(_FlowOperator):
         from airfleet.store import Store
         from airfleet_airflow.clients import clients_for
         from airfleet_airflow.flow import permanent_error
-        from airfleet_airflow.triggers import ClusterReadyTrigger
+        from airfleet_airflow.triggers import ClusterProbeTrigger
 
         store, ref = Store(), flows.LeaseRef.from_dict(self.lease)
         cluster = store.require_cluster(ref.name).cluster
@@ -147,12 +162,15 @@ class WaitReadyOperator(_FlowOperator):
             if not seen.healthy:
                 self.log.info("%s; waiting up to %.0fs more in the triggerer", seen.message,
                               deadline - time.time())
-                self.defer(trigger=ClusterReadyTrigger(self.lease, deadline, self.poll_interval),
+                lease = ref.to_dict()
+                self.defer(trigger=ClusterProbeTrigger(lease, "wait_ready", deadline,
+                                                       self.poll_interval),
                            method_name="execute_complete",
                            timeout=timedelta(seconds=total) + DEFER_MARGIN)
         self._verb("wait_ready", timeout=max(0.0, deadline - time.time()))
 
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> None:
+        _fail_if_lease_lost(event)
         self.log.info("readiness wait ended: %s", (event or {}).get("message", "no event"))
         self._verb("wait_ready", timeout=0)
 
@@ -192,6 +210,7 @@ class CloudReconcileOperator(_FlowOperator):
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None,
                          passes: int = 1) -> None:
         self._resolve_lease(context)
+        _fail_if_lease_lost(event)
         if not event or event.get("status") != "success":
             message = (event or {}).get("message") or "the wait ended without an event"
             self._fail(f"{self.verb} failed: {message}")
@@ -204,7 +223,7 @@ class CloudReconcileOperator(_FlowOperator):
         return self.lease
 
     def _pass(self, passes: int) -> None:
-        from airfleet import config
+        from airfleet import config, flows
         from airfleet_airflow.triggers import cloud_wait_trigger
 
         if passes > self.MAX_PASSES:
@@ -217,7 +236,8 @@ class CloudReconcileOperator(_FlowOperator):
         poll = config.cloud_poll_seconds() if self.poll_interval is None else self.poll_interval
         timeout = float(wait["args"].get("timeout", 3600))
         self.log.info("%s; waiting up to %.0fs in the triggerer", wait["what"], timeout)
-        self.defer(trigger=cloud_wait_trigger(wait, poll), method_name="execute_complete",
+        lease = flows.LeaseRef.from_dict(self.lease).to_dict()
+        self.defer(trigger=cloud_wait_trigger(wait, lease, poll), method_name="execute_complete",
                    kwargs={"passes": passes}, timeout=timedelta(seconds=timeout) + DEFER_MARGIN)
 
     def _verb_kwargs(self) -> dict[str, Any]:
@@ -279,3 +299,94 @@ class CleanupFailedRunOperator(CloudReconcileOperator):
                     + ", ".join(created) + "; remove them with airfleet_cluster_delete")
         self.log.info("%s", note)
         flows.note_cleanup(store, ref, note, removed=created if removed else [])
+
+
+class TeardownOperator(_FlowOperator):
+    """Remove the cluster's own components (Ray nodes; the namespace), then wait until what
+    the teardown started is gone: Kubernetes keeps a deleted namespace Terminating while it
+    deletes the content, minutes on a real cluster. The first ``inline_seconds`` of the wait
+    are looks inside this task; a longer one moves to the triggerer
+    (:class:`ClusterProbeTrigger`, renewing the lease) so no worker slot is held.
+
+    What is left fails the run, each item named, with what ``"force": true`` does; with force
+    it is recorded and the delete goes on (:func:`airfleet.flows.teardown_left`).
+
+    :param lease: the flow's lease (the ``acquire_lease`` XCom).
+    :param checked: what ``validate`` returned (its ``force``).
+    :param inline_seconds: how long to look in the task before deferring (default
+        ``AIRFLEET_READY_INLINE_SECONDS``, 30).
+    :param poll_interval: seconds between looks.
+    """
+
+    template_fields = ("lease", "checked")
+
+    def __init__(self, *, lease: Any, checked: Any, inline_seconds: float | None = None,
+                 poll_interval: float = 5.0, **kwargs: Any) -> None:
+        super().__init__(lease=lease, **kwargs)
+        self.checked = checked
+        self.inline_seconds = inline_seconds
+        self.poll_interval = poll_interval
+
+    def execute(self, context: Any) -> None:
+        import time
+
+        from airfleet import config
+        from airfleet.backends import get_backend
+        from airfleet.store import Store
+        from airfleet_airflow.triggers import ClusterProbeTrigger
+
+        left = self._verb("teardown", force=self._force)
+        if left:  # what it could not even start on (not ours; forced past an API that is gone)
+            self._left(left)
+            return
+        cluster = Store().require_cluster(self.lease["name"]).cluster
+        total = get_backend(cluster.spec.type).teardown_timeout(cluster)
+        deadline = time.time() + total
+        inline = config.ready_inline_seconds() if self.inline_seconds is None \
+            else self.inline_seconds
+        looking_until = min(deadline, time.time() + inline)
+        seen = self._look()
+        while not seen.healthy and time.time() < looking_until:
+            time.sleep(0.5)
+            seen = self._look()
+        if not seen.healthy and time.time() < deadline:
+            self.log.info("%s; waiting up to %.0fs more in the triggerer", seen.message,
+                          deadline - time.time())
+            self.defer(trigger=ClusterProbeTrigger(self.lease, "teardown_done", deadline,
+                                                   self.poll_interval),
+                       method_name="execute_complete",
+                       timeout=timedelta(seconds=total) + DEFER_MARGIN)
+        self._left([] if seen.healthy else [seen.message])
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> None:
+        _fail_if_lease_lost(event)
+        self.log.info("teardown wait ended: %s", (event or {}).get("message", "no event"))
+        seen = self._look()  # the last look decides
+        self._left([] if seen.healthy else [seen.message])
+
+    @property
+    def _force(self) -> bool:
+        return bool((self.checked or {}).get("force"))
+
+    def _look(self) -> Any:
+        from airfleet import flows
+        from airfleet.store import Store
+        from airfleet_airflow.clients import clients_for
+        from airfleet_airflow.flow import permanent_error
+
+        try:
+            return flows.probe(Store(), flows.LeaseRef.from_dict(self.lease), "teardown_done",
+                               clients_for)
+        except Exception as exc:
+            raise permanent_error(exc) from None
+
+    def _left(self, left: list[str]) -> None:
+        from airfleet import flows
+        from airfleet.store import Store
+        from airfleet_airflow.flow import permanent_error
+
+        try:
+            flows.teardown_left(Store(), flows.LeaseRef.from_dict(self.lease), left,
+                                force=self._force)
+        except Exception as exc:
+            raise permanent_error(exc) from None

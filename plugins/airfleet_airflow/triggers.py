@@ -1,120 +1,245 @@
-"""Triggers: long waits that run in Airflow's triggerer instead of holding a worker slot."""
+"""Triggers: long waits that run in Airflow's triggerer instead of holding a worker slot.
+
+Every trigger here waits on behalf of a flow that holds the cluster's lease, so each is a
+:class:`LeaseKeepingTrigger`: beside its wait it renews the lease every third of
+``AIRFLEET_LEASE_SECONDS`` (a drain may last a day; the lease lasts an hour), and when the
+lease turns out to be lost (taken over, or broken by an operator) it ends the wait with
+``{"status": "lease_lost", "message": ...}``, on which the operator fails the task: the run
+must not change the cluster any more. A trigger carries the lease (name, run, fencing token)
+and what the wait needs, never a secret: what reaches a cluster is built in the triggerer from
+the store and Airflow's connections.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+log = logging.getLogger(__name__)
 
-class RayNodesDeadTrigger(BaseTrigger):
+LEASE_LOST = "lease_lost"
+
+
+class LeaseKeepingTrigger(BaseTrigger):
+    """A wait (:meth:`wait`, yielding one event) that keeps the flow's lease while it runs.
+
+    :param lease: the flow's lease, ``{"name", "holder", "token"}`` (``LeaseRef.to_dict()``).
+    """
+
+    def __init__(self, lease: dict[str, Any]):
+        super().__init__()
+        self.lease = dict(lease)
+        self._store: Any = None
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}",
+                {"lease": self.lease, **self._wait_kwargs()})
+
+    def _wait_kwargs(self) -> dict[str, Any]:
+        """The subclass's own constructor arguments (besides the lease)."""
+        raise NotImplementedError
+
+    async def wait(self) -> AsyncIterator[TriggerEvent]:
+        """The wait itself: yield one event."""
+        raise NotImplementedError
+        yield  # pragma: no cover - makes this an async generator
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        waiting = asyncio.ensure_future(_first(self.wait()))
+        keeping = asyncio.ensure_future(self._keep_lease())
+        try:
+            done, _ = await asyncio.wait({waiting, keeping},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if keeping in done:  # it returns only when the lease is lost
+                yield TriggerEvent({"status": LEASE_LOST, "message": keeping.result()})
+            else:
+                yield waiting.result()
+        finally:
+            for task in (waiting, keeping):
+                task.cancel()
+            await asyncio.gather(waiting, keeping, return_exceptions=True)
+            if self._store is not None:
+                await asyncio.to_thread(self._store.dispose)
+                self._store = None
+
+    async def _keep_lease(self) -> str:
+        """Renew the lease now and every third of its TTL; return why, once it is lost. A
+        renewal that fails otherwise (the store unreachable) is tried again at the next turn:
+        a later one finds out whether the lease is still ours."""
+        from airfleet import config
+        from airfleet.errors import StaleFencingToken
+
+        ttl = config.lease_seconds()
+        while True:
+            try:
+                await asyncio.to_thread(self._renew, ttl)
+            except StaleFencingToken as exc:
+                return (f"run {self.lease['holder']} lost its lease on cluster "
+                        f"{self.lease['name']} while waiting ({exc}); it changes nothing more")
+            except Exception as exc:  # noqa: BLE001 - retried at the next turn
+                log.warning("cluster %s: could not renew the lease (retrying in %.0f s): %s",
+                            self.lease["name"], ttl / 3, exc)
+            await asyncio.sleep(ttl / 3)
+
+    def _renew(self, ttl: float) -> None:
+        from airfleet.store import Store
+
+        if self._store is None:
+            self._store = Store()
+        self._store.renew_lease(self.lease["name"], self.lease["holder"],
+                                int(self.lease["token"]), ttl=ttl)
+
+
+async def _first(events: AsyncIterator[TriggerEvent]) -> TriggerEvent:
+    try:
+        async for event in events:
+            return event
+    finally:
+        await events.aclose()
+    raise RuntimeError("the wait ended without an event")
+
+
+class RayNodesDeadTrigger(LeaseKeepingTrigger):
     """Waits until draining Ray nodes are DEAD (or gone), or until their deadline passes.
 
     Yields one event ``{"status": "dead" | "deadline", "dead": [addresses],
     "alive": [addresses], "message": str}``: ``alive`` lists the nodes still ALIVE at the
-    deadline, for the caller to stop by force. A dashboard that does not answer is asked again until the deadline: a busy
-    head may be slow, and the drain itself goes on without us.
+    deadline, for the caller to stop by force. The head's dashboard answers on its loopback
+    only: the trigger reaches it through one SSH forward for the whole wait (opened again if
+    its connection drops), built from the store and the cluster's Airflow connection. A
+    dashboard that does not answer is asked again until the deadline: a busy head may be
+    slow, and the drain itself goes on without us.
 
-    :param dashboard_url: the head's dashboard, e.g. ``http://10.0.0.1:8265``.
+    :param lease: the flow's lease (its cluster is the one draining).
     :param nodes: ``{address: Ray node id}`` of the nodes being drained.
     :param deadline: epoch seconds after which the caller escalates to a forced stop.
     :param poll_interval: seconds between probes.
     """
 
-    def __init__(self, dashboard_url: str, nodes: dict[str, str], deadline: float,
+    def __init__(self, lease: dict[str, Any], nodes: dict[str, str], deadline: float,
                  poll_interval: float = 5.0):
-        super().__init__()
-        self.dashboard_url = dashboard_url
+        super().__init__(lease)
         self.nodes = dict(nodes)
         self.deadline = deadline
         self.poll_interval = poll_interval
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (f"{type(self).__module__}.{type(self).__qualname__}",
-                {"dashboard_url": self.dashboard_url, "nodes": self.nodes,
-                 "deadline": self.deadline, "poll_interval": self.poll_interval})
+    def _wait_kwargs(self) -> dict[str, Any]:
+        return {"nodes": self.nodes, "deadline": self.deadline,
+                "poll_interval": self.poll_interval}
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        from airfleet.backends.ssh import dashboard
+    def _reach(self) -> tuple[Any, dict[str, Any]]:
+        """The recorded cluster and what reaches its head: SSH access and the tunnel."""
+        from airfleet.store import Store
+        from airfleet_airflow.clients import ssh_access, ssh_dashboard
 
-        alive, problem = list(self.nodes), ""
-        while True:
-            try:
-                nodes = await dashboard.async_list_nodes(self.dashboard_url)
-                still = {n.node_id for n in nodes if n.alive}
-                alive, problem = [a for a, i in self.nodes.items() if i in still], ""
-            except Exception as exc:  # noqa: BLE001 - asked again until the deadline
-                problem = f"dashboard did not answer: {exc}"
-            if not alive:
-                yield self._event("dead", alive, "every drained node is DEAD")
-                return
-            if time.time() >= self.deadline:
-                yield self._event("deadline", alive, problem or f"{len(alive)} node(s) still "
-                                  "ALIVE at the deadline")
-                return
-            await asyncio.sleep(min(self.poll_interval, max(0.0, self.deadline - time.time())))
+        store = Store()
+        try:
+            cluster = store.require_cluster(self.lease["name"]).cluster
+        finally:
+            store.dispose()
+        return cluster, {"ssh": ssh_access(cluster), "dashboard": ssh_dashboard(cluster)}
+
+    async def wait(self) -> AsyncIterator[TriggerEvent]:
+        from airfleet.backends.ssh.backend import head_dashboard
+
+        alive, problem, dash = list(self.nodes), "", None
+        async with contextlib.AsyncExitStack() as stack:
+            while True:
+                try:
+                    if dash is None:
+                        cluster, clients = await asyncio.to_thread(self._reach)
+                        dash = await stack.enter_async_context(head_dashboard(cluster, clients))
+                    still = {n.node_id for n in await dash.list_nodes() if n.alive}
+                    alive, problem = [a for a, i in self.nodes.items() if i in still], ""
+                except Exception as exc:  # noqa: BLE001 - asked again until the deadline
+                    problem = f"dashboard did not answer: {exc}"
+                if not alive:
+                    yield self._event("dead", alive, "every drained node is DEAD")
+                    return
+                if time.time() >= self.deadline:
+                    yield self._event("deadline", alive, problem or f"{len(alive)} node(s) "
+                                      "still ALIVE at the deadline")
+                    return
+                await asyncio.sleep(min(self.poll_interval,
+                                        max(0.0, self.deadline - time.time())))
 
     def _event(self, status: str, alive: list[str], message: str) -> TriggerEvent:
         return TriggerEvent({"status": status, "alive": alive, "message": message,
                              "dead": [a for a in self.nodes if a not in alive]})
 
 
-class ClusterReadyTrigger(BaseTrigger):
-    """Looks every ``poll_interval`` seconds until the cluster's components are ready or the
-    deadline passes, then yields ``{"ready": bool, "message": str}``.
+class ClusterProbeTrigger(LeaseKeepingTrigger):
+    """Looks at the cluster every ``poll_interval`` seconds with a read-only backend verb until
+    it reports done or the deadline passes, then yields ``{"done": bool, "message": str}``.
 
-    It carries only the flow's lease (cluster name, run, fencing token: no secret); each look
-    builds the cluster's clients afresh from the store, the vault and Airflow's connections,
-    in a thread, and renews the lease. A look that fails is retried until the deadline.
+    The verbs: ``wait_ready`` (the components have rolled out) and ``teardown_done`` (what a
+    delete started is gone: a namespace stays Terminating while Kubernetes deletes its
+    content). Each look builds the cluster's clients afresh from the store, the vault and
+    Airflow's connections, in a thread. A look that fails is retried until the deadline.
+
+    :param lease: the flow's lease.
+    :param verb: the backend verb that looks.
+    :param deadline: epoch seconds when the wait ends, done or not.
+    :param poll_interval: seconds between looks.
     """
 
-    def __init__(self, lease: dict[str, Any], deadline: float, poll_interval: float = 5.0):
-        super().__init__()
-        self.lease = dict(lease)
+    LOOKS: dict[str, dict[str, Any]] = {"wait_ready": {"timeout": 0}, "teardown_done": {}}
+
+    def __init__(self, lease: dict[str, Any], verb: str, deadline: float,
+                 poll_interval: float = 5.0):
+        super().__init__(lease)
+        if verb not in self.LOOKS:
+            raise ValueError(f"no read-only look is named {verb!r} ({', '.join(self.LOOKS)})")
+        self.verb = verb
         self.deadline = deadline
         self.poll_interval = poll_interval
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (f"{type(self).__module__}.{type(self).__qualname__}",
-                {"lease": self.lease, "deadline": self.deadline,
-                 "poll_interval": self.poll_interval})
+    def _wait_kwargs(self) -> dict[str, Any]:
+        return {"verb": self.verb, "deadline": self.deadline,
+                "poll_interval": self.poll_interval}
 
     def _look(self) -> tuple[bool, str]:
         from airfleet import flows
         from airfleet.store import Store
         from airfleet_airflow.clients import clients_for
 
-        seen = flows.probe(Store(), flows.LeaseRef.from_dict(self.lease), "wait_ready",
-                           clients_for, timeout=0)
+        store = Store()
+        try:
+            seen = flows.probe(store, flows.LeaseRef.from_dict(self.lease), self.verb,
+                               clients_for, **self.LOOKS[self.verb])
+        finally:
+            store.dispose()
         return seen.healthy, seen.message
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
+    async def wait(self) -> AsyncIterator[TriggerEvent]:
         while True:
             try:
-                ready, message = await asyncio.to_thread(self._look)
+                done, message = await asyncio.to_thread(self._look)
             except Exception as exc:  # noqa: BLE001 - looked at again until the deadline
-                ready, message = False, f"could not look: {exc}"
-            if ready or time.time() >= self.deadline:
-                yield TriggerEvent({"ready": ready, "message": message})
+                done, message = False, f"could not look: {exc}"
+            if done or time.time() >= self.deadline:
+                yield TriggerEvent({"done": done, "message": message})
                 return
             await asyncio.sleep(min(self.poll_interval, max(0.0, self.deadline - time.time())))
 
 
-class _CloudWaitTrigger(BaseTrigger):
+class _CloudWaitTrigger(LeaseKeepingTrigger):
     """A wait on a backend's :class:`airfleet.backends.Wait` (as a dict: kind, what, args;
     no secret in it), polling every ``poll_interval`` seconds."""
 
-    def __init__(self, wait: dict[str, Any], poll_interval: float = 30.0):
-        super().__init__()
-        self.wait = dict(wait)
+    def __init__(self, wait: dict[str, Any], lease: dict[str, Any], poll_interval: float = 30.0):
+        super().__init__(lease)
+        self.wait_spec = dict(wait)
         self.poll_interval = poll_interval
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (f"{type(self).__module__}.{type(self).__qualname__}",
-                {"wait": self.wait, "poll_interval": self.poll_interval})
+    def _wait_kwargs(self) -> dict[str, Any]:
+        return {"wait": self.wait_spec, "poll_interval": self.poll_interval}
 
 
 class EksWaitTrigger(_CloudWaitTrigger):
@@ -123,6 +248,7 @@ class EksWaitTrigger(_CloudWaitTrigger):
 
     :param wait: a :class:`airfleet.backends.Wait` of an EKS kind, as a dict: cluster, region
         and the AWS connection (no secret), and the wait's ``timeout``.
+    :param lease: the flow's lease, kept while waiting.
     :param poll_interval: seconds between describes.
     """
 
@@ -138,13 +264,13 @@ class EksWaitTrigger(_CloudWaitTrigger):
                                   "EKS node group delete failed"),
     }
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
+    async def wait(self) -> AsyncIterator[TriggerEvent]:
         from airflow.providers.amazon.aws.hooks.eks import EksHook
         from airflow.providers.amazon.aws.utils.waiter_with_logging import async_wait
         from airflow.sdk.exceptions import AirflowException
 
-        args, what = self.wait["args"], self.wait["what"]
-        waiter_name, status_args, failure = self.WAITERS[self.wait["kind"]]
+        args, what = self.wait_spec["args"], self.wait_spec["what"]
+        waiter_name, status_args, failure = self.WAITERS[self.wait_spec["kind"]]
         waiter_args = {"name": args["cluster"]} if "nodegroup" not in args else \
             {"clusterName": args["cluster"], "nodegroupName": args["nodegroup"]}
         attempts = max(1, int(args.get("timeout", 1800) / max(self.poll_interval, 0.01)))
@@ -170,21 +296,22 @@ class AksOperationTrigger(_CloudWaitTrigger):
 
     :param wait: a :class:`airfleet.backends.Wait` of an AKS kind, as a dict (connection id,
         subscription, resource group, names, token: no secret).
+    :param lease: the flow's lease, kept while waiting.
     :param poll_interval: seconds between polls.
     """
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
+    async def wait(self) -> AsyncIterator[TriggerEvent]:
         from azure.core.exceptions import HttpResponseError
 
         from airfleet.backends.kubernetes.aks import OPERATION, aks_error
         from airfleet_airflow.hooks import AksHook
 
-        args, what = self.wait["args"], self.wait["what"]
+        args, what = self.wait_spec["args"], self.wait_spec["what"]
         timeout = float(args.get("timeout", 3600))
         try:
             async with AksHook(args["azure_conn_id"]).async_client(
                     args["subscription_id"], polling_interval=self.poll_interval) as client:
-                if self.wait["kind"] == OPERATION:
+                if self.wait_spec["kind"] == OPERATION:
                     await asyncio.wait_for(self._follow(client, args), timeout)
                 else:
                     await asyncio.wait_for(self._settle(client, args), timeout)
@@ -224,10 +351,12 @@ class AksOperationTrigger(_CloudWaitTrigger):
             await asyncio.sleep(self.poll_interval)
 
 
-def cloud_wait_trigger(wait: dict[str, Any], poll_interval: float) -> BaseTrigger:
-    """The trigger that waits on a backend's :class:`airfleet.backends.Wait`."""
+def cloud_wait_trigger(wait: dict[str, Any], lease: dict[str, Any],
+                       poll_interval: float) -> LeaseKeepingTrigger:
+    """The trigger that waits on a backend's :class:`airfleet.backends.Wait`, keeping the
+    flow's ``lease`` meanwhile."""
     if wait["kind"] in EksWaitTrigger.WAITERS:
-        return EksWaitTrigger(wait, poll_interval)
+        return EksWaitTrigger(wait, lease, poll_interval)
     if wait["kind"] in ("azure_operation", "aks_settled"):
-        return AksOperationTrigger(wait, poll_interval)
+        return AksOperationTrigger(wait, lease, poll_interval)
     raise ValueError(f"no trigger waits on {wait['kind']!r}")

@@ -29,9 +29,11 @@ def _ssh(name: str, workers: int) -> dict:
     return cluster
 
 
+LEFT = ["10.0.1.2: container airfleet-ray-worker"]
 CLUSTERS = {
     "view-llm": _ssh("view-llm", workers=2),
     "view-broken": _ssh("view-broken", workers=1),
+    "view-left": _ssh("view-left", workers=1),
     "view-gpu": {"metadata": {"name": "view-gpu"},
                  "spec": {"type": "kubernetes", "provider": "existing",
                           "config": {"kubernetes": {
@@ -41,14 +43,19 @@ CLUSTERS = {
 
 @pytest.fixture
 def fleet_of_three(client, dags_parsed, airflow):
-    """Three clusters made over REST: two Running (one with a GPU node), one Failed."""
-    (airflow["home"] / "fake-state.json").write_text(
-        json.dumps({"fail_at": {"view-broken": "apply"}, "unhealthy": ["view-broken"]}))
+    """Clusters made over REST: two Running (one with a GPU node), one Failed, and one deleted
+    by force that left something behind."""
+    (airflow["home"] / "fake-state.json").write_text(json.dumps({
+        "fail_at": {"view-broken": "apply"}, "unhealthy": ["view-broken"],
+        "leftovers": {"view-left": LEFT}}))
     runs = {name: trigger(client, "airfleet_cluster_create", {"cluster": c}).dag_run_id
             for name, c in CLUSTERS.items()}
     states = {name: wait_run(client, "airfleet_cluster_create", run)
               for name, run in runs.items()}
-    assert states == {"view-llm": "success", "view-broken": "failed", "view-gpu": "success"}
+    assert states == {"view-llm": "success", "view-broken": "failed", "view-left": "success",
+                      "view-gpu": "success"}
+    run = trigger(client, "airfleet_cluster_delete", {"name": "view-left", "force": True})
+    assert wait_run(client, "airfleet_cluster_delete", run.dag_run_id) == "success"
     # One health check, so the view has a health age and the Kubernetes cluster's nodes.
     run = trigger(client, "airfleet_cluster_health_check", {"names": list(CLUSTERS)})
     assert wait_run(client, "airfleet_cluster_health_check", run.dag_run_id) == "success"
@@ -101,16 +108,21 @@ def test_the_fleet_view_shows_the_clusters_in_airflows_ui(fleet_of_three, browse
     llm, broken, gpu = cells["view-llm"], cells["view-broken"], cells["view-gpu"]
     assert llm[1].startswith("Running") and llm[2] == "3 / 3", llm
     assert broken[1] == "Failed\nfake probe: head unreachable", broken
+    left = cells["view-left"][1]
+    assert left.startswith("Deleted\ndeleted by force; left behind: ") and \
+        f"Left behind (remove by hand):\n{LEFT[0]}" in left, left
     assert gpu[1].startswith("Running") and gpu[2] == "1 / 1" and gpu[3] == "1× NVIDIA-L4", gpu
     assert llm[4].endswith(" s ago") and gpu[4].endswith(" s ago"), (llm, gpu)
-    # The last run that wrote each one's status: the health check.
-    assert all(c[5].startswith("health_check manual__") for c in cells.values()), cells
+    # The last run that wrote each one's status: the health check (the delete, for view-left).
+    assert all(c[5].startswith("health_check manual__") for n, c in cells.items()
+               if n != "view-left"), cells
+    assert cells["view-left"][5].startswith("delete manual__"), cells
     assert (SHOTS / "fleet-view.png").stat().st_size > 20_000
 
     view.get_by_role("link", name="view-gpu").click()
     view.get_by_role("heading", name="History").wait_for(timeout=15_000)
     text = view.locator("body").inner_text()
-    assert "ComponentsAvailable\tTrue" in text and "NodesReady\tTrue" in text, text
+    assert "ComponentsReady\tTrue" in text and "NodesReady\tTrue" in text, text
     assert "gpu-1" in text, text  # its node
     assert "Registered" in text and "Created" in text, text  # its history
     _shot(page, "cluster-page.png")

@@ -12,6 +12,9 @@ so the server needs no table of clusters.
 - ``slow``: as healthy, after ``slow_seconds``;
 - ``hanging``: accepts the connection and never answers.
 
+Real heads answer on their loopback only and are reached through SSH; these are reached by
+plain HTTP, so a probe of them must be given ``clients["dashboard"] = dashboard.direct``.
+
 ``python -m tests.fakes.ray_dashboards [slow_seconds]`` serves on a free port and prints it.
 """
 

@@ -40,10 +40,46 @@ def ray_processes(node, settle: float = 10) -> list[str]:
         time.sleep(0.5)
 
 
+# GET argv[1] (no proxy, 5 s) and print the body; a non-2xx answer or no answer exits 1.
+HTTP_GET = """
+import sys, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+sys.stdout.write(opener.open(sys.argv[1], timeout=5).read().decode())
+"""
+
+
+def node_http_get(node, url: str, *, check: bool = True):
+    """GET ``url`` from inside ``node`` (its own network namespace), with the venv's Python
+    (no curl needed on the machine); the completed process."""
+    return node.run(["python", "-c", HTTP_GET, url], check=check)
+
+
+def head_dashboard_get(farm, path: str, port: int = 8265) -> str:
+    """GET ``path`` from the head's dashboard, asked on the head itself: it answers on the
+    head's loopback only. Raises CalledProcessError when it does not answer."""
+    return node_http_get(farm.nodes[0], f"http://127.0.0.1:{port}{path}").stdout
+
+
 def alive(farm) -> set[str]:
     """Addresses of the ALIVE Ray nodes, as the head's dashboard sees them."""
-    url = dashboard.url(farm.nodes[0].address, 8265)
-    return set(dashboard.alive_by_ip(dashboard.list_nodes(url)))
+    payload = json.loads(head_dashboard_get(farm, "/api/v0/nodes?limit=10000"))
+    return set(dashboard.alive_by_ip(dashboard.parse_nodes(payload)))
+
+
+CONNECT = """
+import errno, socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()
+    print("open")
+except OSError as exc:
+    print(errno.errorcode.get(exc.errno, "timeout") if exc.errno else "timeout")
+"""
+
+
+def tcp_connect(node, host: str, port: int) -> str:
+    """Try a TCP connect to host:port from inside ``node`` (its own network namespace):
+    "open", "ECONNREFUSED", "timeout", ..."""
+    return node.run(["python", "-c", CONNECT, host, str(port)]).stdout.strip()
 
 
 def stop_ray(farm) -> None:

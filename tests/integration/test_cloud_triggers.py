@@ -72,6 +72,18 @@ def arm(arm_server, monkeypatch):
     return arm_server
 
 
+@pytest.fixture
+def lease(airfleet_home) -> dict:
+    """The lease the waiting flow holds: every trigger keeps it while it waits."""
+    from airfleet.store import Store
+
+    store = Store()
+    store.migrate()
+    taken = store.acquire_lease("c1", "airfleet_cluster_create/run-1")
+    store.dispose()
+    return {"name": "c1", "holder": "airfleet_cluster_create/run-1", "token": taken.token}
+
+
 def first_event(trigger) -> dict:
     async def go():
         async for event in trigger.run():
@@ -79,29 +91,29 @@ def first_event(trigger) -> dict:
     return asyncio.run(asyncio.wait_for(go(), 60))
 
 
-def test_eks_trigger_waits_through_creating(eks, proxy):
+def test_eks_trigger_waits_through_creating(eks, proxy, lease):
     provisioner = EKSProvisioner(eks, EKSConfig.model_validate(EKS), "c1")
     wait = provisioner.reconcile()
     assert wait.kind == "eks_cluster_active" and wait.what == "EKS cluster c1 CREATING"
-    event = first_event(EksWaitTrigger(wait.to_dict(), poll_interval=0.05))
+    event = first_event(EksWaitTrigger(wait.to_dict(), lease, poll_interval=0.05))
     assert event == {"status": "success", "what": "EKS cluster c1 CREATING",
                      "message": "EKS cluster c1 CREATING: done"}
     assert proxy.describes["cluster/c1"] >= 4  # three CREATING, then ACTIVE
 
 
-def test_eks_trigger_reports_a_failed_node_group_with_its_health_issue(eks, proxy):
+def test_eks_trigger_reports_a_failed_node_group_with_its_health_issue(eks, proxy, lease):
     provisioner = EKSProvisioner(eks, EKSConfig.model_validate(EKS), "c1")
-    first_event(EksWaitTrigger(provisioner.reconcile().to_dict(), poll_interval=0.05))
+    first_event(EksWaitTrigger(provisioner.reconcile().to_dict(), lease, poll_interval=0.05))
     proxy.fail_nodegroup("c1", "gpu")
     wait = provisioner.reconcile()
     assert wait.kind == "eks_nodegroup_active"
-    event = first_event(EksWaitTrigger(wait.to_dict(), poll_interval=0.05))
+    event = first_event(EksWaitTrigger(wait.to_dict(), lease, poll_interval=0.05))
     assert event["status"] == "failed"
     assert "CREATE_FAILED" in event["message"] and "InsufficientInstanceCapacity" in \
         event["message"]
 
 
-def test_aks_trigger_follows_the_operation_with_the_aio_client(arm):
+def test_aks_trigger_follows_the_operation_with_the_aio_client(arm, lease):
     with arm.client(SUB) as client:
         wait = AKSProvisioner(client, AKSConfig.model_validate(AKS), "c1").reconcile()
     assert wait.kind == "azure_operation" and wait.what == "AKS cluster c1: create"
@@ -110,23 +122,23 @@ def test_aks_trigger_follows_the_operation_with_the_aio_client(arm):
     [cluster] = arm.clusters().values()
     assert cluster["properties"]["provisioningState"] == "Creating"  # nobody polled it yet
 
-    event = first_event(AksOperationTrigger(wait.to_dict(), poll_interval=0))
+    event = first_event(AksOperationTrigger(wait.to_dict(), lease, poll_interval=0))
     assert event["status"] == "success", event
     [cluster] = arm.clusters().values()
     assert cluster["properties"]["provisioningState"] == "Succeeded"
 
 
-def test_aks_trigger_reports_azures_error_of_a_failed_operation(arm):
+def test_aks_trigger_reports_azures_error_of_a_failed_operation(arm, lease):
     arm.fail_next_operation(code="QuotaExceeded", message="no vCPU quota left",
                             match=r"/managedClusters/c1$")
     with arm.client(SUB) as client:
         wait = AKSProvisioner(client, AKSConfig.model_validate(AKS), "c1").reconcile()
-    event = first_event(AksOperationTrigger(wait.to_dict(), poll_interval=0))
+    event = first_event(AksOperationTrigger(wait.to_dict(), lease, poll_interval=0))
     assert event == {"status": "failed", "what": "AKS cluster c1: create",
                      "message": "AKS cluster c1: create: QuotaExceeded: no vCPU quota left"}
 
 
-def test_aks_trigger_waits_for_an_operation_somebody_else_started(arm):
+def test_aks_trigger_waits_for_an_operation_somebody_else_started(arm, lease):
     tags = {"app.kubernetes.io_managed-by": "airfleet", "airfleet.io_cluster": "c1"}
     with arm.client(SUB) as client:
         client.managed_clusters.begin_create_or_update("rg", "c1", {
@@ -136,8 +148,8 @@ def test_aks_trigger_waits_for_an_operation_somebody_else_started(arm):
                      "mode": "System"}]}}, polling=False)
         wait = AKSProvisioner(client, AKSConfig.model_validate(AKS), "c1").reconcile()
     assert wait.kind == "aks_settled" and wait.what.endswith("still Creating")
-    assert first_event(AksOperationTrigger(wait.to_dict(), poll_interval=0.05))["status"] == \
-        "success"
+    event = first_event(AksOperationTrigger(wait.to_dict(), lease, poll_interval=0.05))
+    assert event["status"] == "success"
     [cluster] = arm.clusters().values()
     assert cluster["properties"]["provisioningState"] == "Succeeded"
 

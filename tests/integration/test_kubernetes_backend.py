@@ -327,24 +327,24 @@ def test_a_long_wait_moves_to_the_triggerer_and_ends_when_available(dags, kube, 
 def test_the_readiness_trigger_reports_the_deadline_naming_the_component(kube, dags):
     import asyncio
 
-    from airfleet_airflow.triggers import ClusterReadyTrigger
+    from airfleet_airflow.triggers import ClusterProbeTrigger
 
     assert str(run(dags, "airfleet_cluster_create", {"cluster": cluster(kube)}).state) == "success"
     kube.never_ready.add((m.namespace_of("llm-a"), m.ROUTER))
     router = kube.get("Deployment", m.ROUTER, m.namespace_of("llm-a"))
     kube.update({**router, "spec": {**router["spec"], "replicas": 3}})
     lease = Store().acquire_lease("llm-a", "test/holder")
-    trigger = ClusterReadyTrigger({"name": "llm-a", "holder": "test/holder", "token": lease.token},
-                                  time.time() + 1.5, poll_interval=0.3)
+    trigger = ClusterProbeTrigger({"name": "llm-a", "holder": "test/holder", "token": lease.token},
+                                  "wait_ready", time.time() + 1.5, poll_interval=0.3)
     classpath, kwargs = trigger.serialize()
-    assert set(kwargs) == {"lease", "deadline", "poll_interval"}  # no secret travels with it
+    assert set(kwargs) == {"lease", "verb", "deadline", "poll_interval"}  # no secret in it
 
     async def first_event():
         async for event in trigger.run():
             return event.payload
 
     event = asyncio.run(first_event())
-    assert event["ready"] is False
+    assert event["done"] is False
     assert f"{m.ROUTER}: 1 of 3 updated replicas available" in event["message"]
 
 

@@ -179,10 +179,24 @@ def test_a_caller_without_watch_endpoints_is_refused_in_validate_and_nothing_is_
     assert Store().list_clusters(include_deleted=True) == []
 
 
+def test_a_deleted_namespace_is_waited_for_in_the_triggerer(dags, kube, capfd, caplog,
+                                                            monkeypatch):
+    """Kubernetes keeps a deleted namespace Terminating while it deletes the content."""
+    monkeypatch.setenv("AIRFLEET_READY_INLINE_SECONDS", "0.5")
+    assert str(run(dags, "airfleet_cluster_create", {"cluster": cluster(kube)}).state) == "success"
+    kube.terminate_delay = 3
+    dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a"})
+    assert str(dr.state) == "success", states(dr)
+    assert f"namespace {NS} still Terminating; waiting up to" in output(capfd, caplog)
+    assert kube.get("Namespace", NS) is None and ours(kube) == []
+    assert note(dr) == "llm-a: Running → Deleting → Deleted (every component removed)"
+
+
 def test_a_namespace_held_by_a_finalizer_is_named_and_force_records_it_left(dags, kube,
                                                                             monkeypatch):
     """A namespace stays Terminating while an object in it carries a finalizer."""
     monkeypatch.setattr("airfleet.backends.kubernetes.backend.NAMESPACE_GONE_SECONDS", 3)
+    monkeypatch.setenv("AIRFLEET_READY_INLINE_SECONDS", "0.5")  # the rest in the triggerer
     assert str(run(dags, "airfleet_cluster_create", {"cluster": cluster(kube)}).state) == "success"
     kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
         "name": "held", "namespace": NS, "finalizers": ["example.com/hold"]}})

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import pickle
 import socket
 import subprocess
 import threading
 import time
-import urllib.request
 
 import pytest
 
@@ -32,7 +32,9 @@ from airfleet.backends.ssh.remote import (
     RemoteTimeout,
     run_sync,
 )
+from airfleet.backends.ssh.tunnel import SSHDashboardTunnel, through_ssh
 from tests.fakes.nodes import NodeFarm
+from tests.fakes.static_fleet import node_http_get, tcp_connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -377,12 +379,12 @@ def test_run_sync_refuses_inside_a_running_loop():
 
 # ---- the builders against a real Ray (container_runtime: none) ---------------------------------
 
-def _ray_nodes(head: str) -> list[dict]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def _ray_nodes(head) -> list[dict]:
+    """The head's dashboard answers on its loopback only: ask it there."""
+    done = node_http_get(head, "http://127.0.0.1:8265/api/v0/nodes", check=False)
     try:
-        with opener.open(f"http://{head}:8265/api/v0/nodes", timeout=2) as response:
-            return json.loads(response.read())["data"]["result"]["result"]
-    except (OSError, ValueError):
+        return json.loads(done.stdout)["data"]["result"]["result"]
+    except (ValueError, KeyError):
         return []
 
 
@@ -394,9 +396,75 @@ def _wait(check, timeout: float, what: str):
     return value
 
 
-def _alive(head: str, count: int) -> list[dict]:
+def _alive(head, count: int) -> list[dict]:
     alive = [n for n in _ray_nodes(head) if n["state"] == "ALIVE"]
     return alive if len(alive) == count else []
+
+
+async def _through_the_tunnel(r: Remote, head, worker) -> dict:
+    """The head's dashboard, loopback-only, through an SSH forward over ``r``'s connection to
+    the head; a forward whose connection drops opens again; closing removes its socket."""
+    tunnel = SSHDashboardTunnel(r, head.address, 8265)
+    try:
+        seen = {"healthy": await tunnel.gcs_healthy(),
+                "alive": {n.ip for n in await tunnel.list_nodes() if n.alive}}
+        socket_dir = tunnel._dir
+        seen["socket_dir_mode"] = os.stat(socket_dir).st_mode & 0o777
+        r._forget(head.address, r._connections[head.address])  # the connection drops ...
+        await asyncio.sleep(0.2)  # ... and asyncssh notices (keepalives do, on a dead link)
+        seen["reopened"] = await tunnel.gcs_healthy()
+    finally:
+        await tunnel.aclose()
+    seen["after_close"] = os.path.exists(socket_dir)
+    assert tcp_connect(worker, head.address, 8265) == "ECONNREFUSED"  # what the tunnel is for
+    return seen
+
+
+def test_a_tunnel_that_cannot_open_says_why(farm):
+    """Host key, authentication, reachability: the typed errors of commands, from the tunnel."""
+    node0, node1 = farm.nodes
+    cases = {
+        HostKeyRejected: access(farm, known_hosts=f"{node0.address} {node1.host_key}\n"),
+        AuthenticationFailed: access(farm, private_key=_another_key()),
+        NodeUnreachable: access(farm, port=2),  # nothing listens there
+    }
+    for error, farm_access in cases.items():
+        async def body(r: Remote):
+            tunnel = through_ssh(r, node0.address, 8265)
+            try:
+                return await tunnel.gcs_healthy()
+            finally:
+                await tunnel.aclose()
+
+        with pytest.raises(error) as caught:
+            session(farm_access, body)
+        assert str(caught.value).startswith(f"node {node0.address}: "), str(caught.value)
+
+
+def test_a_silent_dashboard_says_why_as_the_heads_sshd_does(farm):
+    """Nothing listens on the port (no Ray yet), or the node's sshd forwards nothing."""
+    async def silent(r: Remote, node: str):
+        tunnel = through_ssh(r, node, 8265)
+        try:
+            return await tunnel.gcs_healthy(timeout=2), await tunnel.why_silent()
+        finally:
+            await tunnel.aclose()
+
+    node = farm.nodes[0].address
+    assert session(access(farm), lambda r: silent(r, node)) == (
+        False, "the head's sshd cannot connect to 127.0.0.1:8265: Connection refused")
+    with NodeFarm(1, name_prefix="nofwd", sshd_extra="AllowTcpForwarding no") as closed:
+        node = closed.nodes[0].address
+        healthy, why = session(access(closed), lambda r: silent(r, node))
+    assert not healthy and why == ("the head's sshd refuses to forward to 127.0.0.1:8265 "
+                                   "(open failed): allow it there with AllowTcpForwarding yes "
+                                   "(or local)")
+
+
+def _another_key() -> str:
+    import asyncssh
+
+    return asyncssh.generate_private_key("ssh-ed25519").export_private_key().decode()
 
 
 def test_ray_head_worker_drain_stop_and_leftovers_on_host_processes(farm):
@@ -409,10 +477,11 @@ def test_ray_head_worker_drain_stop_and_leftovers_on_host_processes(farm):
             head.address, num_gpus=2, env={"HF_HOME": cache}), timeout=90)
         await r.run(worker.address, commands.ray_start_worker(
             worker.address, head.address), timeout=90)
-        alive = _wait(lambda: _alive(head.address, 2), 60, "head and worker ALIVE")
+        alive = _wait(lambda: _alive(head, 2), 60, "head and worker ALIVE")
         gpus = {n["node_ip"]: n["resources_total"].get("GPU", 0) for n in alive}
         worker_id = next(n["node_id"] for n in alive if n["node_ip"] == worker.address)
         found = (await r.run(worker.address, commands.leftovers("none", "llm-a"))).stdout
+        tunnelled = await _through_the_tunnel(r, head, worker)
         hf_home = head.run("tr '\\0' '\\n' </proc/$(pgrep -f raylet/raylet | head -n1)/environ"
                            " | grep ^HF_HOME=").stdout
 
@@ -420,7 +489,7 @@ def test_ray_head_worker_drain_stop_and_leftovers_on_host_processes(farm):
             "none", "llm-a", head_ip=head.address, gcs_port=6379, node_id=worker_id,
             message="scale down: 'it's time'", deadline_seconds=60), timeout=60)
         _wait(lambda: any(n["node_id"] == worker_id and n["state"] == "DEAD"
-                          for n in _ray_nodes(head.address)), 60, "worker DEAD after drain")
+                          for n in _ray_nodes(head)), 60, "worker DEAD after drain")
         for node in (worker, head):
             await r.run(node.address, commands.ray_stop("none", "llm-a"), timeout=90)
         # The dashboard's multiprocessing forkserver outlives `ray stop` by about half a second.
@@ -431,9 +500,11 @@ def test_ray_head_worker_drain_stop_and_leftovers_on_host_processes(farm):
             if not any(after.values()):
                 break
             await asyncio.sleep(0.5)
-        return gpus, found, hf_home, after
+        return gpus, found, hf_home, after, tunnelled
 
-    gpus, found, hf_home, after = session(access(farm), body)
+    gpus, found, hf_home, after, tunnelled = session(access(farm), body)
+    assert tunnelled == {"healthy": True, "alive": {head.address, worker.address},
+                         "socket_dir_mode": 0o700, "reopened": True, "after_close": False}
     assert gpus == {head.address: 2.0, worker.address: 0.0}
     assert hf_home == f"HF_HOME={cache}\n"
     lines = found.splitlines()

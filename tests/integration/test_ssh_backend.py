@@ -1,20 +1,28 @@
 """The static-nodes backend end to end: real sshd hosts (tests/fakes/nodes.py), real Ray 2.60
-with ``container_runtime: none``, driven through the DAGs with ``dag.test()``."""
+with ``container_runtime: none``, driven through the DAGs with ``dag.test()``.
+
+The head's dashboard answers on the head's loopback only: Airfleet reaches it through an SSH
+forward (so does every check here that asks it, from inside the head), and no other machine
+reaches it at all."""
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import pytest
 
-from airfleet.backends.ssh import dashboard
+from airfleet.backends.ssh import commands, dashboard
 from airfleet.resources import Phase
 from airfleet.store import Store
 from tests.fakes.nodes import NodeFarm
 from tests.fakes.static_fleet import (
     alive,
+    head_dashboard_get,
     ray_processes,
     static_cluster,
+    tcp_connect,
 )
 
 pytestmark = pytest.mark.integration
@@ -40,6 +48,19 @@ def test_create_health_delete(dags, fleet):
     assert set(nodes) == {n.address for n in farm.nodes[:3]}
     assert all(n.phase == "Running" and n.ray_node_id for n in nodes.values())
     assert alive(farm) == set(nodes)
+
+    # The dashboard (and its Jobs API) answers on the head's loopback, and nowhere else.
+    head, worker, outsider = farm.nodes[0], farm.nodes[1], farm.nodes[3]
+    assert head_dashboard_get(farm, "/api/gcs_healthz") == "success"
+    for other in (worker, outsider):  # a node of the cluster, a machine beside it
+        assert tcp_connect(other, head.address, 8265) == "ECONNREFUSED", other.address
+    assert tcp_connect(head, head.address, 8265) == "ECONNREFUSED"  # not even its own IP
+    # What stays reachable, pinned so a Ray upgrade that changes it is noticed: the GCS (how
+    # workers join), and two services Ray 2.60 binds to the node's IP with no option to bind
+    # them to loopback: the Ray client server (head) and the dashboard agent's HTTP (every
+    # node). Each runs code for whoever reaches it: keep Ray nodes on a private network.
+    assert {p: tcp_connect(outsider, head.address, p) for p in (6379, 10001, 52365)} == \
+        {6379: "open", 10001: "open", 52365: "open"}
 
     dr = dags["airfleet_cluster_health_check"].test(run_conf={})
     assert str(dr.state) == "success"
@@ -80,6 +101,41 @@ def start_busy_task(farm, worker, node_id: str, seconds: float) -> None:
     while worker.run("test -f /tmp/task-running", check=False).returncode != 0:
         assert time.monotonic() < deadline, head.run("cat /tmp/driver.out").stdout
         time.sleep(0.5)
+
+
+class Contender:
+    """Another flow trying to take the cluster's lease every half second while ``during()``
+    holds (the drain): what it took (``taken``: it should be nothing) and how often it was
+    refused."""
+
+    def __init__(self, name: str, during) -> None:
+        self.name, self.during, self.refusals, self.taken = name, during, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._try, daemon=True)
+
+    def _try(self) -> None:
+        from airfleet.errors import LeaseHeld
+
+        store = Store()
+        while not self._stop.wait(0.5):
+            if not self.during():
+                continue
+            try:
+                lease = store.acquire_lease(self.name, "airfleet_cluster_update/contender")
+            except LeaseHeld:
+                self.refusals += 1
+                continue
+            self.taken.append(lease.token)
+            store.release_lease(self.name, lease.holder, lease.token)
+        store.dispose()
+
+    def __enter__(self) -> Contender:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 def driver_output(farm, settle: float = 30) -> str:
@@ -132,22 +188,28 @@ def test_grow_then_drain_a_busy_worker_then_delete(dags, fleet):
         assert ray_processes(node) == [], node.address
 
 
-def test_a_worker_still_busy_at_the_deadline_is_stopped_by_force(dags, fleet):
+def test_a_worker_still_busy_at_the_deadline_is_stopped_by_force(dags, fleet, monkeypatch):
+    """The drain outlasts the lease's TTL (12 s against 5 s): the wait renews the lease, so
+    no other flow can take the cluster until the update ends."""
     farm = fleet
+    monkeypatch.setenv("AIRFLEET_LEASE_SECONDS", "5")
     spec = cluster(farm, 1)
-    spec["spec"]["config"]["ssh"]["drain_deadline_seconds"] = 3
+    spec["spec"]["config"]["ssh"]["drain_deadline_seconds"] = 12
     assert str(dags["airfleet_cluster_create"].test(run_conf={"cluster": spec}).state) \
         == "success"
     worker = farm.nodes[1]
     start_busy_task(farm, worker, node_status("static-a")[worker.address].ray_node_id, 120)
 
     spec["spec"]["config"]["ssh"]["workers"] = []
-    dr = dags["airfleet_cluster_update"].test(run_conf={"cluster": spec})
+    draining = lambda: node_status("static-a")[worker.address].phase == "Draining"  # noqa: E731
+    with Contender("static-a", draining) as contender:
+        dr = dags["airfleet_cluster_update"].test(run_conf={"cluster": spec})
     assert str(dr.state) == "success"
+    assert contender.refusals >= 10 and contender.taken == [], contender.taken
     [event] = [e for e in Store().events("static-a") if e.reason == "NodeForceStopped"]
     assert event.kind == "Warning"
     assert event.message == (f"worker {worker.address}: forced stop: still busy at the drain "
-                             "deadline of 3 s")
+                             "deadline of 12 s")
     assert ray_processes(worker) == []
     assert "RESULT" not in driver_output(farm, settle=2)
 
@@ -176,6 +238,34 @@ def test_a_worker_down_at_create_fails_the_cluster_and_a_rerun_fixes_only_it(dag
     assert after[down.address]
 
 
+def test_a_delete_that_cannot_reach_a_node_fails_naming_it_and_force_records_it(dags, fleet):
+    farm = fleet
+    assert str(dags["airfleet_cluster_create"].test(
+        run_conf={"cluster": cluster(farm, 1)}).state) == "success"
+    down = farm.nodes[1]
+    down.stop()  # powered off: its Ray went with it, but nobody can tell from here
+    try:
+        dr = dags["airfleet_cluster_delete"].test(run_conf={"name": "static-a"})
+        assert str(dr.state) == "failed"
+        record = Store().require_cluster("static-a")
+        assert record.phase is Phase.FAILED
+        assert f"{down.address}: could not stop Ray" in record.cluster.status.message
+        assert '"force": true' in record.cluster.status.message
+
+        dr = dags["airfleet_cluster_delete"].test(run_conf={"name": "static-a", "force": True})
+        assert str(dr.state) == "success"
+        [gone] = Store().list_clusters(include_deleted=True)
+        assert gone.phase is Phase.DELETED
+        left = gone.cluster.status.left_behind
+        assert left and all(item.startswith(f"{down.address}: ") for item in left), left
+        assert gone.cluster.status.message == "deleted by force; left behind: " + "; ".join(left)
+        assert [e.message for e in Store().events("static-a")
+                if e.reason == "LeftBehind"][-len(left):] == left
+        assert ray_processes(farm.nodes[0]) == []  # the head, reachable, was stopped
+    finally:
+        down.start()
+
+
 def test_a_dead_head_fails_the_cluster_and_its_return_heals_it(dags, fleet):
     farm = fleet
     head = farm.nodes[0]
@@ -184,23 +274,19 @@ def test_a_dead_head_fails_the_cluster_and_its_return_heals_it(dags, fleet):
 
     head.stop()  # power off: every process of the node dies
     try:
-        url = dashboard.url(head.address, 8265)
-        deadline = time.monotonic() + 30
-        while dashboard.gcs_healthy(url, timeout=1) and time.monotonic() < deadline:
-            time.sleep(0.5)  # the kernel is still tearing the node's processes down
         for _ in range(2):  # the second failed probe in a row flips it (FAILED_PROBES_TO_FAIL)
             dr = dags["airfleet_cluster_health_check"].test(run_conf={})
             assert str(dr.state) == "success"
         record = Store().require_cluster("static-a")
         assert record.phase is Phase.FAILED, record.cluster.status
-        assert f"head {head.address}" in record.cluster.status.message
+        assert record.cluster.status.message.startswith(
+            f"head {head.address}: cannot reach the Ray dashboard: node {head.address}: "
+            "unreachable over SSH on port 22 ("), record.cluster.status.message
     finally:
         if not head.running:
             head.start()
 
-    farm.ssh(head, f"ray start --head --node-ip-address={head.address} --port=6379 "
-             "--dashboard-host=0.0.0.0 --dashboard-port=8265 --num-gpus=0 "
-             "--disable-usage-stats", check=True)
+    farm.ssh(head, commands.ray_start_head(head.address), check=True)  # restarted by hand
     assert str(dags["airfleet_cluster_health_check"].test(run_conf={}).state) == "success"
     assert Store().require_cluster("static-a").phase is Phase.RUNNING
 
@@ -227,12 +313,15 @@ def install(node, name: str, script: str) -> None:
 
 
 def gpus_in_ray(farm) -> dict[str, float]:
-    import httpx
-
-    url = dashboard.url(farm.nodes[0].address, 8265)
-    rows = httpx.get(f"{url}/api/v0/nodes", params={"detail": "true"}, timeout=5).json()
+    rows = json.loads(head_dashboard_get(farm, "/api/v0/nodes?detail=true"))
     return {r["node_ip"]: r.get("resources_total", {}).get("GPU", 0.0)
             for r in rows["data"]["result"]["result"] if r["state"] == "ALIVE"}
+
+
+def alive_ids(farm) -> dict[str, str]:
+    """Address -> Ray node id of each ALIVE node, as the head's dashboard sees them."""
+    payload = json.loads(head_dashboard_get(farm, "/api/v0/nodes?limit=10000"))
+    return {a: n.node_id for a, n in dashboard.alive_by_ip(dashboard.parse_nodes(payload)).items()}
 
 
 def test_gpus_are_detected_and_ray_starts_with_them(dags, fleet):
@@ -264,23 +353,19 @@ def test_gpus_are_detected_and_ray_starts_with_them(dags, fleet):
 def test_onboard_adopts_a_running_ray_cluster_without_restarting_it(dags, fleet):
     farm = fleet
     head, worker = farm.nodes[0], farm.nodes[1]
-    farm.ssh(head, f"ray start --head --node-ip-address={head.address} --port=6379 "
-             "--dashboard-host=0.0.0.0 --dashboard-port=8265 --disable-usage-stats", check=True)
-    farm.ssh(worker, f"ray start --address={head.address}:6379 "
-             f"--node-ip-address={worker.address}", check=True)
-    url = dashboard.url(head.address, 8265)
+    farm.ssh(head, commands.ray_start_head(head.address), check=True)
+    farm.ssh(worker, commands.ray_start_worker(worker.address, head.address), check=True)
     deadline = time.monotonic() + 60
     while len(alive(farm)) < 2 and time.monotonic() < deadline:
         time.sleep(1)
-    before = {a: n.node_id for a, n in dashboard.alive_by_ip(dashboard.list_nodes(url)).items()}
+    before = alive_ids(farm)
 
     dr = dags["airfleet_cluster_onboard"].test(run_conf={"cluster": cluster(farm, 1)})
     assert str(dr.state) == "success"
     record = Store().require_cluster("static-a")
     assert record.phase is Phase.RUNNING
     assert {a: n.ray_node_id for a, n in node_status("static-a").items()} == before
-    after = {a: n.node_id for a, n in dashboard.alive_by_ip(dashboard.list_nodes(url)).items()}
-    assert after == before  # nothing was restarted
+    assert alive_ids(farm) == before  # nothing was restarted
 
 
 def test_model_cache_directory_and_hf_home_on_every_node(dags, fleet):

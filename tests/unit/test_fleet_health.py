@@ -1,5 +1,6 @@
 """One health check probes the whole fleet concurrently: the real SSH backend's async probe
-against simulated Ray dashboards on loopback (healthy, failing, broken, slow, hanging)."""
+against simulated Ray dashboards on loopback (healthy, failing, broken, slow, hanging), reached
+by plain HTTP (``clients["dashboard"] = dashboard.direct``; real heads are reached through SSH)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import time
 import pytest
 
 from airfleet import flows
+from airfleet.backends.ssh import dashboard
 from airfleet.store import Store
 from tests.fakes.ray_dashboards import RayDashboards, register_fleet
 
 MIX = {"healthy": 0.4, "failing": 0.2, "broken": 0.1, "slow": 0.2, "hanging": 0.1}
+
+
+def direct(cluster) -> dict:
+    return {"dashboard": dashboard.direct}
 
 
 @pytest.fixture
@@ -32,10 +38,12 @@ def test_a_fleet_is_probed_concurrently_and_a_hanging_cluster_only_times_out(sto
         fleet = register_fleet(store, 20, dashboards.port, MIX)
         lease = store.acquire_lease("fleet-0000", "update/1")  # a flow holds this one
         started = time.monotonic()
-        first = flows.health_check(store, "health/1", concurrency=20, timeout=1.5)
+        first = flows.health_check(store, "health/1", clients_for=direct, concurrency=20,
+                                   timeout=1.5)
         elapsed = time.monotonic() - started
         store.release_lease("fleet-0000", "update/1", lease.token)
-        second = flows.health_check(store, "health/2", concurrency=20, timeout=1.5)
+        second = flows.health_check(store, "health/2", clients_for=direct, concurrency=20,
+                                    timeout=1.5)
 
     # 4 slow (0.5 s) and 2 hanging (1.5 s timeout) clusters: one timeout's wait, not a sum.
     assert elapsed < 3, elapsed
@@ -50,7 +58,18 @@ def test_a_fleet_is_probed_concurrently_and_a_hanging_cluster_only_times_out(sto
     assert _messages(store, fleet, "failing") == {
         f"worker 10.21.0.{i}: Ray node not ALIVE; host not probed" for i in (1, 2, 3, 4)}
     assert _messages(store, fleet, "broken") == {
-        f"head 127.22.0.{i}: Ray GCS not answering at http://127.22.0.{i}:{port} "
-        "(host not probed)" for i in (1, 2)}
+        f"head 127.22.0.{i}: Ray GCS not answering at the dashboard "
+        f"(http://127.22.0.{i}:{port}; host not probed)" for i in (1, 2)}
     assert _messages(store, fleet, "hanging") == {"health probe timed out after 1.5s"}
     assert all(r.cluster.status.health_checked_at is not None for r in store.list_clusters())
+
+
+def test_with_no_way_to_the_dashboard_the_probe_fails_saying_so(store):
+    with RayDashboards(slow_seconds=0.5) as dashboards:
+        register_fleet(store, 1, dashboards.port, {"healthy": 1.0})
+        for _ in range(2):  # no clients at all: never plain HTTP by default
+            outcome = flows.health_check(store, "health/x", concurrency=1, timeout=2)
+    assert outcome == {"fleet-0000": "Failed"}
+    assert store.require_cluster("fleet-0000").cluster.status.message == (
+        "head 127.20.0.1: cannot reach the Ray dashboard: no way to reach the Ray dashboard "
+        "was given (clients['dashboard'])")

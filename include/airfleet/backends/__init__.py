@@ -162,7 +162,7 @@ class Backend:
         """Start a graceful drain of every recorded node the spec no longer lists.
 
         Returns ``{"removed": [addresses], "nodes": {address: id being drained},
-        "dashboard_url": ..., "deadline_seconds": ...}``; a type whose nodes are not ours to
+        "deadline_seconds": ...}``; a type whose nodes are not ours to
         remove (Kubernetes) has nothing to drain."""
         return {"removed": [], "nodes": {}}
 

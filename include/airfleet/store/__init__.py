@@ -42,7 +42,6 @@ from airfleet.store.tables import (
     SecretRow,
 )
 
-DEFAULT_LEASE_SECONDS = 3600
 GLOBAL_SCOPE = "*"  # the scope of bindings that hold for every cluster
 
 
@@ -153,11 +152,12 @@ class Store:
 
     # ---- leases --------------------------------------------------------------------------
 
-    def acquire_lease(self, name: str, holder: str, ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
+    def acquire_lease(self, name: str, holder: str, ttl: float | None = None) -> Lease:
         """Take the lease of ``name`` for ``holder``: free or expired -> taken with a new
-        fencing token; already ours -> renewed with the same token; else :class:`LeaseHeld`."""
+        fencing token; already ours -> renewed with the same token; else :class:`LeaseHeld`.
+        ``ttl``: seconds (default ``AIRFLEET_LEASE_SECONDS``, 3600)."""
         t = now()
-        expires = t + timedelta(seconds=ttl)
+        expires = t + timedelta(seconds=config.lease_seconds() if ttl is None else ttl)
         insert = self._insert(LeaseRow).values(name=name, holder=holder, token=1, acquired_at=t,
                                                 expires_at=expires)
         row = LeaseRow.__table__.c
@@ -183,10 +183,11 @@ class Store:
             return Lease(name, holder, got.token, _utc(got.acquired_at), expires)
 
     def renew_lease(self, name: str, holder: str, token: int,
-                    ttl: float = DEFAULT_LEASE_SECONDS) -> Lease:
+                    ttl: float | None = None) -> Lease:
         with self.session() as s:
             lease = self._fence(s, name, token, holder=holder)
-            lease.expires_at = now() + timedelta(seconds=ttl)
+            lease.expires_at = now() + timedelta(
+                seconds=config.lease_seconds() if ttl is None else ttl)
             return _lease(lease)
 
     def release_lease(self, name: str, holder: str, token: int) -> bool:

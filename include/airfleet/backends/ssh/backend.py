@@ -8,19 +8,27 @@ node and open a new SSH connection each time), then a wait until every node is A
 stop the others: the observation names it, the cluster ends Failed, and a re-run touches only
 what is missing or wrong (a Ray node that is ALIVE, or a container whose spec hash matches, is
 adopted, never restarted).
+
+The dashboard answers on the head's loopback only: each verb reaches it through an SSH
+forward over the head's command connection, as its clients say (``clients["dashboard"]``; see
+:mod:`.dashboard` and :mod:`.tunnel`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import httpx
 
 from airfleet.accelerators import cluster_totals, detect, probe_command
 from airfleet.backends import Backend, BackendContext, Observation
 from airfleet.backends.ssh import commands, dashboard
-from airfleet.backends.ssh.remote import CommandResult, Remote, run_sync
+from airfleet.backends.ssh.remote import CommandResult, Remote, RemoteCommandError, run_sync
 from airfleet.errors import InvalidRequest
 from airfleet.resources import Cluster, ClusterSpec, NodeStatus, SSHConfig
 
@@ -56,9 +64,27 @@ def _summary(statuses: list[NodeStatus]) -> Observation:
                        nodes=statuses)
 
 
+@contextlib.asynccontextmanager
+async def head_dashboard(cluster: Cluster, clients: Mapping[str, Any],
+                         remote: Remote | None = None) -> AsyncIterator[dashboard.DashboardAccess]:
+    """The head's dashboard as ``clients`` reach it (``clients["dashboard"]``: a tunnel over
+    ``remote``, or over an SSH session of its own from ``clients["ssh"]``), closed on exit."""
+    reach: dashboard.Reach | None = clients.get("dashboard")
+    if reach is None:
+        raise dashboard.NoDashboardAccess("no way to reach the Ray dashboard was given "
+                                          "(clients['dashboard'])")
+    cfg: SSHConfig = cluster.spec.config.ssh
+    async with contextlib.AsyncExitStack() as stack:
+        if remote is None and clients.get("ssh") is not None:
+            remote = await stack.enter_async_context(Remote(clients["ssh"]))
+        access = reach(remote, cfg.head, cfg.ray.dashboard_port)
+        stack.push_async_callback(access.aclose)
+        yield access
+
+
 class SSHBackend(Backend):
     cluster_type = "ssh"
-    clients = ("ssh", "registry")
+    clients = ("ssh", "registry", "dashboard")
 
     def validate_update(self, recorded: Cluster, desired: ClusterSpec) -> None:
         before, after = recorded.spec.config.ssh.head, desired.config.ssh.head
@@ -89,7 +115,7 @@ class SSHBackend(Backend):
         run_sync(_Run(cluster, ctx).stop_removed(forced))
 
     def teardown(self, cluster: Cluster, ctx: BackendContext, *, force: bool = False) -> list[str]:
-        return run_sync(_Run(cluster, ctx).teardown(force))
+        return run_sync(_Run(cluster, ctx).teardown())  # force: the flow records what is left
 
 
 class _Run:
@@ -101,7 +127,22 @@ class _Run:
         self.runtime = self.cfg.container_runtime
         self.head = Node(self.cfg.head, "head")
         self.workers = [Node(w, "worker") for w in self.cfg.workers]
-        self.url = dashboard.url(self.cfg.head, self.cfg.ray.dashboard_port)
+        self.remote: Remote | None = None  # inside session(): the verb's SSH connections
+        self.dash: dashboard.DashboardAccess | None = None  # ... and the head's dashboard
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Remote | None]:
+        """The verb's SSH connections (one per node, reused by every command) and the head's
+        dashboard, reached through the head's connection."""
+        access = self.ctx.clients.get("ssh")
+        async with contextlib.AsyncExitStack() as stack:
+            self.remote = await stack.enter_async_context(Remote(access)) if access else None
+            self.dash = await stack.enter_async_context(
+                head_dashboard(self.cluster, self.ctx.clients, self.remote))
+            try:
+                yield self.remote
+            finally:
+                self.remote = self.dash = None
 
     def log(self, msg: str, *args: Any) -> None:
         self.ctx.log.info("cluster %s: " + msg, self.cluster.name, *args)
@@ -115,7 +156,7 @@ class _Run:
     # ---- apply ------------------------------------------------------------------------
 
     async def apply(self) -> Observation:
-        async with Remote(self.ctx.clients["ssh"]) as remote:
+        async with self.session() as remote:
             failed: dict[Node, str] = {}
             alive = await self._alive()
             try:
@@ -133,10 +174,10 @@ class _Run:
                     failed[worker] = str(outcome)
                     self.report(worker, "Failed", str(outcome))
             statuses = await self._wait_alive([n for n in nodes_of(self.cfg) if n not in failed])
-        try:  # drained and stopped by the update flow already; this converges a re-run
-            await self.stop_removed(forced=[])
-        except Exception as exc:  # noqa: BLE001 - reported per node; the desired nodes run
-            self.log("a removed worker could not be stopped: %s", exc)
+            try:  # drained and stopped by the update flow already; this converges a re-run
+                await self._stop_removed(remote, forced=[])
+            except Exception as exc:  # noqa: BLE001 - reported per node; the desired nodes run
+                self.log("a removed worker could not be stopped: %s", exc)
         return _summary(statuses + [n.status("Failed", why) for n, why in failed.items()])
 
     async def _start(self, remote: Remote, node: Node, alive: dict[str, dashboard.RayNode]):
@@ -222,16 +263,16 @@ class _Run:
 
     async def _wait_head(self) -> None:
         deadline = time.monotonic() + HEAD_READY_SECONDS
-        while not await dashboard.async_gcs_healthy(self.url):
+        while not await self.dash.gcs_healthy():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"Ray GCS not healthy at {self.url} after "
+                raise TimeoutError(f"Ray GCS not healthy at {self.dash.where} after "
                                    f"{HEAD_READY_SECONDS} s")
             await asyncio.sleep(1)
 
     async def _alive(self) -> dict[str, dashboard.RayNode]:
         try:
-            return dashboard.alive_by_ip(await dashboard.async_list_nodes(self.url))
-        except Exception:  # no head yet: nothing is alive
+            return dashboard.alive_by_ip(await self.dash.list_nodes())
+        except Exception:  # no head yet (or no way to it): nothing is alive
             return {}
 
     async def _wait_alive(self, nodes: list[Node]) -> list[NodeStatus]:
@@ -260,12 +301,19 @@ class _Run:
         work finishes, nothing new is scheduled there, then Ray marks it DEAD."""
         removed, deadline = self.removed(), self.cfg.drain_deadline_seconds
         ticket = {"removed": [n.address for n in removed], "nodes": {},
-                  "dashboard_url": self.url, "deadline_seconds": deadline}
+                  "deadline_seconds": deadline}
         if not removed:
             return ticket
-        alive = await self._alive()
         message = f"removed from the spec by Airfleet run {self.ctx.run_id}"
-        async with Remote(self.ctx.clients["ssh"]) as remote:
+        async with self.session() as remote:
+            try:  # not "nothing is ALIVE": that would stop busy workers without a drain
+                alive = dashboard.alive_by_ip(await self.dash.list_nodes())
+            except (httpx.HTTPError, RemoteCommandError) as exc:
+                raise RemoteCommandError(
+                    self.head.address, "GET /api/v0/nodes", message=(
+                        f"head {self.head.address}: cannot tell which removed workers are "
+                        f"ALIVE, so none was drained: the Ray dashboard ({self.dash.where}) "
+                        f"did not answer: {exc}")) from None
             for node in removed:
                 if node.address not in alive:
                     self.report(node, "Draining", "not ALIVE in Ray: nothing to drain")
@@ -282,13 +330,18 @@ class _Run:
     async def stop_removed(self, forced: list[str]) -> None:
         """Stop the removed workers' Ray: gracefully once drained, by force for those still
         busy at the drain deadline (recorded as such)."""
+        if not self.removed():
+            return
+        async with Remote(self.ctx.clients["ssh"]) as remote:
+            await self._stop_removed(remote, forced)
+
+    async def _stop_removed(self, remote: Remote, forced: list[str]) -> None:
         removed = self.removed()
         if not removed:
             return
-        async with Remote(self.ctx.clients["ssh"]) as remote:
-            results = await remote.run_all(
-                [n.address for n in removed], lambda a: self._stop(force=a in forced),
-                timeout=START_TIMEOUT)
+        results = await remote.run_all(
+            [n.address for n in removed], lambda a: self._stop(force=a in forced),
+            timeout=START_TIMEOUT)
         for node in removed:
             outcome = results[node.address]
             if isinstance(outcome, Exception):
@@ -312,9 +365,19 @@ class _Run:
 
     async def observe(self, report: bool) -> Observation:
         """Which desired nodes are ALIVE; for the others, whether their host answers SSH."""
-        if not await dashboard.async_gcs_healthy(self.url):
-            reach = await self._reachability([self.head])
-            why = f"Ray GCS not answering at {self.url} ({reach[self.head.address]})"
+        try:
+            async with self.session():
+                return await self._observe(report)
+        except (RemoteCommandError, dashboard.NoDashboardAccess) as exc:  # no way there
+            why = f"cannot reach the Ray dashboard: {exc}"
+            return Observation(False, f"head {self.head.address}: {why}",
+                               nodes=[self.head.status("Failed", why)])
+
+    async def _observe(self, report: bool) -> Observation:
+        if not await self.dash.gcs_healthy():
+            reach = (await self.dash.why_silent()
+                     or (await self._reachability([self.head]))[self.head.address])
+            why = f"Ray GCS not answering at the dashboard ({self.dash.where}; {reach})"
             return Observation(False, f"head {self.head.address}: {why}",
                                nodes=[self.head.status("Failed", why)])
         alive = await self._alive()
@@ -331,12 +394,10 @@ class _Run:
         return _summary(statuses)
 
     async def _reachability(self, nodes: list[Node]) -> dict[str, str]:
-        access = self.ctx.clients.get("ssh")
-        if access is None:
+        if self.remote is None:
             return {n.address: "host not probed" for n in nodes}
-        async with Remote(access) as remote:
-            results = await remote.run_all([n.address for n in nodes], lambda _: "true",
-                                           timeout=PROBE_REACH_TIMEOUT)
+        results = await self.remote.run_all([n.address for n in nodes], lambda _: "true",
+                                            timeout=PROBE_REACH_TIMEOUT)
         return {addr: "host reachable over SSH" if isinstance(r, CommandResult)
                 else f"host unreachable: {r}" for addr, r in results.items()}
 
@@ -375,8 +436,9 @@ class _Run:
                 return found
             await asyncio.sleep(1)
 
-    async def teardown(self, force: bool) -> list[str]:
-        """Workers first, then the head; then look for anything left on every node."""
+    async def teardown(self) -> list[str]:
+        """Workers first, then the head; then look for anything left on every node. What is
+        left is returned, each item."""
         async with Remote(self.ctx.clients["ssh"]) as remote:
             stop = self._stop(force=False)
             workers = await remote.run_all([w.address for w in self.workers], lambda _: stop,
@@ -395,8 +457,4 @@ class _Run:
                              if line.strip()]
         for line in left:
             self.log("left behind: %s", line)
-        if force and left:
-            self.log("force: reporting Deleted although %d item(s) remain (manual cleanup "
-                     "may be required)", len(left))
-            return []
         return left

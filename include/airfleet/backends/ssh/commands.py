@@ -63,6 +63,13 @@ CONTAINER_PREFIX = "airfleet-ray-"
 EXIT_ABSENT = 3
 DEFAULT_STOP_GRACE_SECONDS = 30
 DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"
+# The dashboard (and its Jobs API, which runs any code it is sent) answers on the head's
+# loopback only: Airfleet reaches it through an SSH port forward (tunnel.py), people too.
+# Ray 2.60 has no such option for the rest: the GCS (6379; workers join through it), raylet,
+# object manager and worker ports stay on the node's address because other nodes need them,
+# and the Ray client server (head, 10001) and the dashboard agent's HTTP (every node, 52365)
+# bind the node's address whatever we pass. Keep Ray nodes on a network of their own.
+DASHBOARD_HOST = "127.0.0.1"
 # Where the container runtimes look for a registry's CA (read on every pull, no restart).
 CERTS_DIRS: dict[str, str] = {"docker": "/etc/docker/certs.d", "podman": "/etc/containers/certs.d"}
 # podman's default auth file is under $XDG_RUNTIME_DIR, which logind removes when the SSH
@@ -255,8 +262,9 @@ class RayStart:
         """What follows ``ray start``."""
         if self.is_head:
             argv = ["--head", f"--node-ip-address={self.node_ip}", f"--port={self.gcs_port}",
-                    "--dashboard-host=0.0.0.0", f"--dashboard-port={self.dashboard_port}",
-                    f"--num-gpus={self.num_gpus}", "--disable-usage-stats"]
+                    f"--dashboard-host={DASHBOARD_HOST}",
+                    f"--dashboard-port={self.dashboard_port}", f"--num-gpus={self.num_gpus}",
+                    "--disable-usage-stats"]
         else:
             argv = [f"--address={host_port(self.head_ip, self.gcs_port)}",
                     f"--node-ip-address={self.node_ip}", f"--num-gpus={self.num_gpus}"]

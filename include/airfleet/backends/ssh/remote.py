@@ -376,6 +376,28 @@ class Remote:
                   time.monotonic() - started)
         return conn
 
+    async def forward_to_loopback(self, node: str, port: int, listen_path: str,
+                                  ) -> tuple[asyncssh.SSHClientConnection, asyncssh.SSHListener]:
+        """``ssh -L listen_path:127.0.0.1:port``: each connection to the UNIX socket
+        ``listen_path`` here reaches ``127.0.0.1:port`` on ``node``, through the node's
+        command connection (the same pinned host key). A UNIX socket, not a TCP port on this
+        machine's loopback, so that only this user (the socket's directory is 0700) can use
+        what the forward reaches.
+
+        :returns: the connection (closed: the forward is gone) and the listener.
+        :raises RemoteCommandError: as :meth:`run` does when the node cannot be reached.
+        """
+        label = f"ssh -L {listen_path}:127.0.0.1:{port}"
+        conn = await self._connection(node, label)
+        try:
+            listener = await conn.forward_local_path_to_port(listen_path, "127.0.0.1", port)
+        except (asyncssh.DisconnectError, OSError) as exc:
+            self._forget(node, conn)
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            raise NodeUnreachable(node, label, self.access.port,
+                                  f"cannot forward to port {port}: {reason}") from None
+        return conn, listener
+
     def _forget(self, node: str, conn: asyncssh.SSHClientConnection) -> None:
         if self._connections.get(node) is conn:
             del self._connections[node]

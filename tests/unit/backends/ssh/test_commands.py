@@ -40,7 +40,7 @@ def container(runtime="docker", *, head=True, gpus=0, mounts=(), env=None, image
 
 def test_ray_start_head_and_worker_as_host_processes():
     assert c.ray_start_head("10.0.0.1") == (
-        "ray start --head --node-ip-address=10.0.0.1 --port=6379 --dashboard-host=0.0.0.0 "
+        "ray start --head --node-ip-address=10.0.0.1 --port=6379 --dashboard-host=127.0.0.1 "
         "--dashboard-port=8265 --num-gpus=0 --disable-usage-stats")
     assert c.ray_start_worker("10.0.0.2", "10.0.0.1") == (
         "ray start --address=10.0.0.1:6379 --node-ip-address=10.0.0.2 --num-gpus=0")
@@ -52,7 +52,7 @@ def test_ray_start_with_gpus_cache_env_temp_dir_and_own_executable():
         executable="/opt/ray/bin/ray", temp_dir="/var/tmp/ray",
         env={"HF_HOME": "/data/models", "B": "x y"}) == (
         "env 'B=x y' HF_HOME=/data/models /opt/ray/bin/ray start --head "
-        "--node-ip-address=10.0.0.1 --port=6380 --dashboard-host=0.0.0.0 --dashboard-port=8266 "
+        "--node-ip-address=10.0.0.1 --port=6380 --dashboard-host=127.0.0.1 --dashboard-port=8266 "
         "--num-gpus=4 --disable-usage-stats --temp-dir=/var/tmp/ray")
     assert c.ray_start_worker("10.0.0.2", "10.0.0.1", gcs_port=6380, num_gpus=8,
                               env={"HF_HOME": "/data/models"}) == (
@@ -79,9 +79,9 @@ def test_an_executable_that_env_would_read_as_an_assignment_is_refused():
 def test_docker_head_and_worker_without_gpus_or_caches():
     assert c.container_run(container()) == (
         "docker run -d --name airfleet-ray-llm-a --label airfleet.io/cluster=llm-a "
-        "--label airfleet.io/spec-hash=a1e0a4e9859f --init --network host --restart no "
+        "--label airfleet.io/spec-hash=6419070a90e5 --init --network host --restart no "
         "--shm-size=16g rayproject/ray:2.60.0 ray start --head --node-ip-address=10.0.0.1 "
-        "--port=6379 --dashboard-host=0.0.0.0 --dashboard-port=8265 --num-gpus=0 "
+        "--port=6379 --dashboard-host=127.0.0.1 --dashboard-port=8265 --num-gpus=0 "
         "--disable-usage-stats --block")
     assert c.container_run(container(head=False)) == (
         "docker run -d --name airfleet-ray-llm-a --label airfleet.io/cluster=llm-a "
@@ -93,10 +93,10 @@ def test_docker_head_and_worker_without_gpus_or_caches():
 def test_docker_head_and_worker_with_gpus_and_a_cache():
     assert c.container_run(container(gpus=8, mounts=CACHE, env=HF)) == (
         "docker run -d --name airfleet-ray-llm-a --label airfleet.io/cluster=llm-a "
-        "--label airfleet.io/spec-hash=8164ef749df3 --init --network host --restart no "
+        "--label airfleet.io/spec-hash=0166f2a16759 --init --network host --restart no "
         "--shm-size=16g --gpus all -v /data/models:/models/hf -e HF_HOME=/models/hf "
         "rayproject/ray:2.60.0 ray start --head --node-ip-address=10.0.0.1 --port=6379 "
-        "--dashboard-host=0.0.0.0 --dashboard-port=8265 --num-gpus=8 --disable-usage-stats "
+        "--dashboard-host=127.0.0.1 --dashboard-port=8265 --num-gpus=8 --disable-usage-stats "
         "--block")
     assert c.container_run(container(head=False, gpus=8, mounts=CACHE, env=HF)) == (
         "docker run -d --name airfleet-ray-llm-a --label airfleet.io/cluster=llm-a "
@@ -109,9 +109,9 @@ def test_docker_head_and_worker_with_gpus_and_a_cache():
 def test_podman_head_and_worker_with_and_without_gpus():
     assert c.container_run(container("podman")) == (
         "podman run -d --name airfleet-ray-llm-a --label airfleet.io/cluster=llm-a "
-        "--label airfleet.io/spec-hash=e890b8d4b232 --init --network host --restart no "
+        "--label airfleet.io/spec-hash=32efde53bf18 --init --network host --restart no "
         "--shm-size=16g rayproject/ray:2.60.0 ray start --head --node-ip-address=10.0.0.1 "
-        "--port=6379 --dashboard-host=0.0.0.0 --dashboard-port=8265 --num-gpus=0 "
+        "--port=6379 --dashboard-host=127.0.0.1 --dashboard-port=8265 --num-gpus=0 "
         "--disable-usage-stats --block")
     assert c.container_run(container("podman", head=False, gpus=8, mounts=CACHE, env=HF)) == (
         "podman run -d --name airfleet-ray-llm-a --label airfleet.io/cluster=llm-a "
