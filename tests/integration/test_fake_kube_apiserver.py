@@ -26,6 +26,14 @@ from kubernetes.client import (
 from kubernetes.client.rest import ApiException
 
 from tests.fakes.kube_apiserver import FakeKubeAPIServer, KubeAPIError
+from tests.integration.fake_kube_support import (  # noqa: F401 - fixtures
+    apps,
+    client,
+    core,
+    fresh,
+    kubectl,
+    ns,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -36,34 +44,6 @@ KUBECTL = "/usr/bin/kubectl"
 def server():
     with FakeKubeAPIServer(ready_delay=0.2, terminate_delay=0.2) as server:
         yield server
-
-
-@pytest.fixture(autouse=True)
-def fresh(server):
-    server.reset()
-
-
-@pytest.fixture
-def client(server):
-    api = kubernetes.config.new_client_from_config_dict(server.kubeconfig())
-    yield api
-    api.close()
-
-
-@pytest.fixture
-def core(client) -> CoreV1Api:
-    return CoreV1Api(client)
-
-
-@pytest.fixture
-def apps(client) -> AppsV1Api:
-    return AppsV1Api(client)
-
-
-@pytest.fixture
-def ns(core) -> str:
-    core.create_namespace({"metadata": {"name": "x"}})
-    return "x"
 
 
 def status_of(exc: ApiException) -> dict:
@@ -683,21 +663,6 @@ def test_https_kubeconfig_with_the_python_client(server):
 
 
 # --- kubectl ----------------------------------------------------------------------------------
-
-@pytest.fixture
-def kubectl(server, tmp_path):
-    """Run kubectl with a kubeconfig file for the fake (https: kubectl sends no token over http)."""
-    config = server.write_kubeconfig(tmp_path / "kubeconfig")
-    env = {**os.environ, "HOME": str(tmp_path), "KUBECONFIG": str(config)}
-
-    def run(*args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
-        done = subprocess.run([KUBECTL, "--cache-dir", str(tmp_path / "cache"), *args], env=env,
-                              input=stdin, capture_output=True, text=True, timeout=30)
-        if check:
-            assert done.returncode == 0, done.stderr
-        return done
-
-    return run
 
 
 def test_kubectl_basic_commands(server, kubectl):

@@ -9,8 +9,6 @@ the module, `reset()` before each test; pods start 0.3 s after they are created.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 
 import kubernetes
@@ -19,10 +17,17 @@ from kubernetes.client import AppsV1Api, CoreV1Api
 from kubernetes.client.rest import ApiException
 
 from tests.fakes.kube_apiserver import FakeKubeAPIServer
+from tests.integration.fake_kube_support import (  # noqa: F401 - fixtures
+    apps,
+    client,
+    core,
+    fresh,
+    kubectl,
+    ns,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
-KUBECTL = "/usr/bin/kubectl"
 READY_DELAY = 0.3
 DEPLOYMENT_DOC = "https://kubernetes.io/docs/concepts/workloads/controllers/deployment/"
 REVISION = "deployment.kubernetes.io/revision"
@@ -32,50 +37,6 @@ REVISION = "deployment.kubernetes.io/revision"
 def server():
     with FakeKubeAPIServer(ready_delay=READY_DELAY, terminate_delay=0.2) as server:
         yield server
-
-
-@pytest.fixture(autouse=True)
-def fresh(server):
-    server.reset()
-
-
-@pytest.fixture
-def client(server):
-    api = kubernetes.config.new_client_from_config_dict(server.kubeconfig())
-    yield api
-    api.close()
-
-
-@pytest.fixture
-def apps(client) -> AppsV1Api:
-    return AppsV1Api(client)
-
-
-@pytest.fixture
-def core(client) -> CoreV1Api:
-    return CoreV1Api(client)
-
-
-@pytest.fixture
-def ns(core) -> str:
-    core.create_namespace({"metadata": {"name": "x"}})
-    return "x"
-
-
-@pytest.fixture
-def kubectl(server, tmp_path):
-    """kubectl with a kubeconfig for the fake (https; namespace x)."""
-    config = server.write_kubeconfig(tmp_path / "kubeconfig", namespace="x")
-    env = {**os.environ, "HOME": str(tmp_path), "KUBECONFIG": str(config)}
-
-    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([KUBECTL, "--cache-dir", str(tmp_path / "cache"), *args], env=env,
-                              capture_output=True, text=True, timeout=60)
-        if check:
-            assert done.returncode == 0, done.stderr
-        return done
-
-    return run
 
 
 def deployment(name: str = "d", replicas: int = 1, image: str = "nginx:1", **spec) -> dict:
@@ -233,10 +194,10 @@ def test_kubectl_rollout_status_reports_a_good_rollout(server, apps, ns, kubectl
     server.ready_delay = 2.0  # kubectl must see the rollout in progress
     apps.create_namespaced_deployment(ns, deployment(replicas=2))
     set_image(apps, ns, "nginx:2")
-    done = kubectl("rollout", "status", "deployment/d", "--timeout=20s")
+    done = kubectl("-n", "x", "rollout", "status", "deployment/d", "--timeout=20s")
     assert done.stdout.strip().splitlines()[-1] == 'deployment "d" successfully rolled out'
     assert "Waiting for deployment" in done.stdout  # it did wait for the new pods
-    rows = [line.split() for line in kubectl("get", "rs").stdout.strip().splitlines()]
+    rows = [line.split() for line in kubectl("-n", "x", "get", "rs").stdout.strip().splitlines()]
     assert rows[0] == ["NAME", "DESIRED", "CURRENT", "READY", "AGE"]
     assert sorted(row[1:4] for row in rows[1:]) == [["0", "0", "0"], ["2", "2", "2"]]
 
@@ -262,12 +223,12 @@ def test_an_image_that_never_starts_holds_the_rollout_until_the_progress_deadlin
         "Available": ("True", "MinimumReplicasAvailable", "Deployment has minimum availability."),
         "Progressing": ("True", "ReplicaSetUpdated", f'ReplicaSet "{new_name}" is progressing.')}
 
-    waiting = kubectl("rollout", "status", "deployment/d", "--timeout=1s", check=False)
+    waiting = kubectl("-n", "x", "rollout", "status", "deployment/d", "--timeout=1s", check=False)
     assert waiting.returncode == 1
     assert 'Waiting for deployment "d" rollout to finish: 1 old replicas are pending ' \
            "termination..." in waiting.stdout
     pods = {line.split()[0]: line.split()[1:3] for line in
-            kubectl("get", "pods", "--no-headers").stdout.strip().splitlines()}
+            kubectl("-n", "x", "get", "pods", "--no-headers").stdout.strip().splitlines()}
     assert sorted(pods.values()) == [["0/1", "ImagePullBackOff"], ["1/1", "Running"]]
 
     failed = wait_for(lambda: conditions(status(server))["Progressing"][0] == "False"
@@ -276,7 +237,7 @@ def test_an_image_that_never_starts_holds_the_rollout_until_the_progress_deadlin
         "False", "ProgressDeadlineExceeded", f'ReplicaSet "{new_name}" has timed out progressing.')
     assert conditions(failed)["Available"][0] == "True"
     assert counts(failed) == counts(stuck)  # the old pod still serves
-    exceeded = kubectl("rollout", "status", "deployment/d", "--timeout=10s", check=False)
+    exceeded = kubectl("-n", "x", "rollout", "status", "deployment/d", "--timeout=10s", check=False)
     assert exceeded.returncode == 1
     assert exceeded.stderr.strip() == 'error: deployment "d" exceeded its progress deadline'
 
@@ -296,9 +257,9 @@ def test_kubectl_rollout_undo_goes_back_to_the_previous_replicaset(server, apps,
              timeout=6)
     (bad,) = set(replica_sets(server)) - {good}
 
-    assert kubectl("rollout", "undo", "deployment/d").stdout.strip() == \
+    assert kubectl("-n", "x", "rollout", "undo", "deployment/d").stdout.strip() == \
         "deployment.apps/d rolled back"
-    assert kubectl("rollout", "status", "deployment/d", "--timeout=20s").returncode == 0
+    assert kubectl("-n", "x", "rollout", "status", "deployment/d", "--timeout=20s").returncode == 0
     rss = replica_sets(server)
     assert set(rss) == {good, bad}
     assert (rss[good]["spec"]["replicas"], rss[bad]["spec"]["replicas"]) == (2, 0)
@@ -322,7 +283,7 @@ def test_never_ready_pods_leave_new_replicas_not_updated(server, apps, ns, kubec
     wait_for(lambda: complete(server))
     server.never_ready.add((ns, "d"))
     set_image(apps, ns, "nginx:2")
-    waiting = kubectl("rollout", "status", "deployment/d", "--timeout=1s", check=False)
+    waiting = kubectl("-n", "x", "rollout", "status", "deployment/d", "--timeout=1s", check=False)
     assert waiting.returncode == 1
     assert 'Waiting for deployment "d" rollout to finish: 1 out of 3 new replicas have been ' \
            "updated..." in waiting.stdout
@@ -387,12 +348,12 @@ def test_pausing_holds_a_template_change_until_resumed(server, apps, ns, kubectl
     (sync.go checkPausedConditions); resuming rolls it out."""
     apps.create_namespaced_deployment(ns, deployment())
     wait_for(lambda: complete(server))
-    assert kubectl("rollout", "pause", "deployment/d").stdout.strip() == "deployment.apps/d paused"
+    assert kubectl("-n", "x", "rollout", "pause", "deployment/d").stdout.strip() == "deployment.apps/d paused"
     set_image(apps, ns, "nginx:2")
     assert len(replica_sets(server)) == 1
     assert conditions(status(server))["Progressing"] == ("Unknown", "DeploymentPaused",
                                                           "Deployment is paused")
-    kubectl("rollout", "resume", "deployment/d")
+    kubectl("-n", "x", "rollout", "resume", "deployment/d")
     wait_for(lambda: complete(server) and len(replica_sets(server)) == 2)
 
 

@@ -8,8 +8,6 @@ own docstrings are not a reference. One server for the module, `reset()` before 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from datetime import UTC, datetime
 
 import httpx
@@ -25,10 +23,10 @@ from kubernetes.client import (
 from kubernetes.client.rest import ApiException
 
 from tests.fakes.kube_apiserver import FakeKubeAPIServer, KubeAPIError
+from tests.integration.fake_kube_support import kubectl  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
-KUBECTL = "/usr/bin/kubectl"
 APPLY = "application/apply-patch+yaml"
 RBAC = "rbac.authorization.k8s.io"
 SA_USER = "system:serviceaccount:ns:sa"
@@ -72,22 +70,6 @@ def sa_client(server, admin, connect):
     """The client of ServiceAccount ns/sa, which no RBAC object mentions yet."""
     CoreV1Api(admin).create_namespaced_service_account("ns", {"metadata": {"name": "sa"}})
     return connect(server.service_account_token("ns", "sa"))
-
-
-@pytest.fixture
-def kubectl(server, tmp_path):
-    """kubectl with an https kubeconfig (client-go sends no token over http) for a token."""
-    def run(*args: str, token: str | None = None, stdin: str | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
-        config = server.write_kubeconfig(tmp_path / f"kubeconfig-{hash(token)}", token=token)
-        env = {**os.environ, "HOME": str(tmp_path), "KUBECONFIG": str(config)}
-        done = subprocess.run([KUBECTL, "--cache-dir", str(tmp_path / "cache"), *args], env=env,
-                              input=stdin, capture_output=True, text=True, timeout=30)
-        if check:
-            assert done.returncode == 0, done.stderr
-        return done
-
-    return run
 
 
 def fails(fn, *args, **kwargs) -> dict:
