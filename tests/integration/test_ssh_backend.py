@@ -201,7 +201,10 @@ def test_a_worker_still_busy_at_the_deadline_is_stopped_by_force(dags, fleet, mo
     start_busy_task(farm, worker, node_status("static-a")[worker.address].ray_node_id, 120)
 
     spec["spec"]["config"]["ssh"]["workers"] = []
-    draining = lambda: node_status("static-a")[worker.address].phase == "Draining"  # noqa: E731
+    def draining() -> bool:
+        node = node_status("static-a").get(worker.address)  # gone from the list once removed
+        return node is not None and node.phase == "Draining"
+
     with Contender("static-a", draining) as contender:
         dr = dags["airfleet_cluster_update"].test(run_conf={"cluster": spec})
     assert str(dr.state) == "success"

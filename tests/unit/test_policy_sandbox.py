@@ -52,7 +52,8 @@ def test_the_interpreter_is_bound_back_under_a_hidden_home_and_secrets_inside_it
     assert ("--perms 0755 --tmpfs /home/worker --perms 0755 --dir /home/worker/.pyenv "
             "--perms 0755 --dir /home/worker/.pyenv/versions --ro-bind /home/worker/.pyenv/"
             "versions/3.11.7 /home/worker/.pyenv/versions/3.11.7 --perms 0755 --tmpfs "
-            "/home/worker/.pyenv/versions/3.11.7/keys --chdir /tmp ") in text
+            "/home/worker/.pyenv/versions/3.11.7/keys --perms 01777 --tmpfs /tmp/policy "
+            "--chdir /tmp/policy ") in text
     assert "--perms 01777 --tmpfs /tmp" in text and "/usr" not in argv  # /usr: not hidden
     for flag in ("--unshare-pid", "--unshare-net", "--die-with-parent"):
         assert flag in argv

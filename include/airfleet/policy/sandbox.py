@@ -5,7 +5,8 @@ The sandbox, when :func:`current` says ``isolated``:
 - a private mount namespace: the whole file system read-only, with an empty tmpfs over every
   path of :func:`hidden_paths` (the vault's keys directory, the SQLite store's directory,
   ``AIRFLOW_HOME``, the file ``AIRFLOW_CONFIG`` names, the worker's home directory); fresh empty
-  ``/tmp`` (the working directory), ``/var/tmp``, ``/run``, ``/dev`` and ``/proc``. The Python
+  ``/tmp`` (and in it the working directory, ``/tmp/policy``, a tmpfs of its own), ``/var/tmp``,
+  ``/run``, ``/dev`` and ``/proc``. The Python
   installation (and this folder, for ``child.py``) is bound back read-only when it lives under
   a hidden path, and nothing else is;
 - its own PID, network (no interface up), IPC, UTS and cgroup namespaces; it dies with its
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 NOBODY = 65534
 # Replaced by empty tmpfs, with their modes: scratch space, never the host's.
 FRESH = {Path("/tmp"): "01777", Path("/var/tmp"): "01777", Path("/run"): "0755"}
-WORKDIR = "/tmp"
+# The policy's working directory: a tmpfs of its own, empty even where the interpreter or this
+# package lives under /tmp and is bound back there (a checkout in /tmp, as in CI).
+WORKDIR = "/tmp/policy"
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -128,6 +131,7 @@ def bwrap_argv(bwrap: str, hidden: Sequence[Path], exposed: Sequence[Path],
     for path in hidden:  # a secret inside what was bound back is hidden again
         if _under(path, bound):
             argv += _hide(path)
+    argv += ["--perms", FRESH[Path("/tmp")], "--tmpfs", WORKDIR]
     argv += ["--chdir", WORKDIR, "--unshare-pid", "--unshare-net", "--unshare-ipc",
              "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--"]
     if setpriv:
