@@ -138,3 +138,28 @@ def test_every_deployment_carries_the_ready_timeout_as_its_progress_deadline():
     deadlines = {o["metadata"]["name"]: o["spec"]["progressDeadlineSeconds"]
                  for o in objects if o["kind"] == "Deployment"}
     assert deadlines == {m.ROUTER: 120, m.METRICS: 120}
+
+
+@pytest.mark.parametrize("kind, path, was, wanted", [
+    ("Deployment", "spec.selector", {"matchLabels": {"a": "1"}}, {"matchLabels": {"a": "2"}}),
+    ("Service", "spec.clusterIP", "10.96.0.10", "10.96.0.11"),
+    ("RoleBinding", "roleRef", {"kind": "Role", "name": "a"}, {"kind": "Role", "name": "b"}),
+    ("PersistentVolumeClaim", "spec.storageClassName", "fast", "slow"),
+])
+def test_every_field_kubernetes_keeps_immutable_is_caught(kind, path, was, wanted):
+    """apps/validation ValidateDeploymentUpdate (selector), core ValidateService (clusterIP),
+    rbac ValidateRoleBindingUpdate (roleRef), core ValidatePersistentVolumeClaimUpdate."""
+    def obj(value):
+        body: dict = {"kind": kind, "metadata": {"name": "x"}}
+        node = body
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+        if kind == "PersistentVolumeClaim":
+            body["spec"]["resources"] = {"requests": {"storage": "1Gi"}}
+        return body
+
+    assert m.immutable_changes([obj(was)], [obj(was)]) == []
+    [(changed, field, before, after)] = m.immutable_changes([obj(was)], [obj(wanted)])
+    assert (changed["kind"], field, before, after) == (kind, path, was, wanted)
