@@ -44,6 +44,7 @@ from airfleet.resources import (
     Condition,
     NodeStatus,
     Phase,
+    Provider,
     format_errors,
     parse_conf,
 )
@@ -264,6 +265,7 @@ def finish(store: Store, lease: LeaseRef, phase: Phase, reason: str,
                             token=lease.token, observed_generation=record.generation)
 
 
+MANAGED = (Provider.EKS, Provider.AKS)  # clusters a delete removes whole (deprovision)
 FORCE_HINT = ('run the delete again once that is fixed, or with "force": true to record the '
               "cluster Deleted anyway (what is left stays where it is, listed in the cluster's "
               "history, for you to remove)")
@@ -289,10 +291,17 @@ def teardown_left(store: Store, lease: LeaseRef, left: list[str], *, force: bool
 
 
 def delete_done(store: Store, lease: LeaseRef) -> ClusterRecord:
-    """Deleted: every component removed, or (forced) what was left named."""
-    status = store.require_cluster(lease.name).cluster.status
+    """Deleted: every component removed, or (forced) what was left named. A managed cluster
+    (eks, aks) is gone by now (deprovision ran): what was left in it went with it."""
+    cluster = store.require_cluster(lease.name).cluster
+    status = cluster.status
     if status.kubeconfig_vault_id:  # the cluster is gone, and with it what that opened
         store.delete_secret(status.kubeconfig_vault_id)
+    if status.left_behind and cluster.spec.provider in MANAGED:
+        _update_status(store, lease, left_behind=[])
+        return finish(store, lease, Phase.DELETED, "Deleted", (
+            f"every component removed: what was left in it went with the "
+            f"{cluster.spec.provider.value} cluster ({'; '.join(status.left_behind)})"))
     if status.left_behind:
         return finish(store, lease, Phase.DELETED, "DeletedByForce",
                       f"deleted by force; left behind: {'; '.join(status.left_behind)}")

@@ -11,7 +11,7 @@ import pytest
 
 from airfleet import flows
 from airfleet.backends import Observation
-from airfleet.errors import StaleFencingToken
+from airfleet.errors import StaleFencingToken, TeardownIncomplete
 from airfleet.resources import ClusterRequest, ClusterStatus, Phase
 from airfleet.store import Store
 from tests.fakes.recording_backend import RecordingBackend
@@ -266,3 +266,40 @@ def test_clients_that_cannot_be_built_fail_that_clusters_probe_only(store):
     assert store.require_cluster("llm-b").cluster.status.message == (
         "probe failed (1 of 2 before Failed): health probe failed: connection ssh_fleet has "
         "no private key")
+
+
+EKS_REQUEST = {"metadata": {"name": "llm-eks"}, "spec": {
+    "type": "kubernetes", "provider": "eks", "config": {"eks": {
+        "credential": {"airflow_conn_id": "aws"}, "region": "us-east-1",
+        "role_arn": "arn:aws:iam::123456789012:role/eks",
+        "node_role_arn": "arn:aws:iam::123456789012:role/eks-node",
+        "subnet_ids": ["subnet-1", "subnet-2"], "node_pools": []}}}}
+
+
+@pytest.mark.parametrize("request_, name, deleted_with", [
+    (REQUEST, "llm-a", None), (EKS_REQUEST, "llm-eks", "eks")], ids=["static", "eks"])
+def test_a_forced_delete_keeps_what_is_left_unless_the_cluster_went_whole(store, request_,
+                                                                          name, deleted_with):
+    """Force records each item left and ends Deleted because it was asked; a managed cluster's
+    delete removes the cluster itself after the teardown, and what was left in it with it."""
+    lease = flows.acquire(store, name, "create/1")
+    flows.register(store, lease, request_)
+    flows.finish(store, lease, Phase.RUNNING, "Created")
+    store.release_lease(name, lease.holder, lease.token)
+    lease = flows.acquire(store, name, "delete/1")
+    left = [f"namespace of {name} still Terminating: finalizers remaining"]
+    with pytest.raises(TeardownIncomplete, match='"force": true'):
+        flows.teardown_left(store, lease, left, force=False)
+    flows.teardown_left(store, lease, left, force=True)
+    flows.delete_done(store, lease)
+
+    [gone] = [r for r in store.list_clusters(include_deleted=True) if r.name == name]
+    assert gone.phase is Phase.DELETED
+    assert [e.message for e in store.events(name) if e.reason == "LeftBehind"] == left * 2
+    if deleted_with:
+        assert gone.cluster.status.left_behind == []
+        assert gone.cluster.status.message.startswith(
+            f"every component removed: what was left in it went with the {deleted_with} cluster")
+    else:
+        assert gone.cluster.status.left_behind == left
+        assert gone.cluster.status.message == f"deleted by force; left behind: {left[0]}"
