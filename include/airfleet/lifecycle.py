@@ -34,6 +34,16 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 }
 TRANSIENT = frozenset({P.PROVISIONING, P.UPDATING, P.DELETING})
 
+# An endpoint version (airfleet.endpoints): Deploying while a deploy or scale flow runs;
+# Running <-> Failed follows health checks, as for clusters. Deleted is final.
+ENDPOINT_TRANSITIONS: dict[str, frozenset[str]] = {
+    "Pending": frozenset({"Deploying", "Failed", "Deleted"}),
+    "Deploying": frozenset({"Running", "Failed", "Deleted"}),
+    "Running": frozenset({"Deploying", "Failed", "Deleted"}),
+    "Failed": frozenset({"Deploying", "Running", "Failed", "Deleted"}),
+    "Deleted": frozenset(),
+}
+
 
 @dataclass(frozen=True)
 class Transition:
@@ -49,10 +59,19 @@ class Transition:
 
 def check(current: Phase, target: Phase) -> None:
     """Raise :class:`IllegalTransition` unless ``current -> target`` is allowed."""
-    if target not in TRANSITIONS[current]:
-        allowed = ", ".join(sorted(TRANSITIONS[current])) or "nothing (final)"
+    _check(TRANSITIONS, "a cluster", current, target)
+
+
+def check_endpoint(current: str, target: str) -> None:
+    """:func:`check` for an endpoint version's phases."""
+    _check(ENDPOINT_TRANSITIONS, "an endpoint", str(current), str(target))
+
+
+def _check(table: dict, what: str, current, target) -> None:
+    if target not in table[current]:
+        allowed = ", ".join(sorted(table[current])) or "nothing (final)"
         raise IllegalTransition(
-            f"cannot go from {current} to {target}; from {current} a cluster may go to {allowed}")
+            f"cannot go from {current} to {target}; from {current} {what} may go to {allowed}")
 
 
 def transition(cluster: str, current: Phase, target: Phase, *, reason: str,

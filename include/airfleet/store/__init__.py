@@ -33,6 +33,7 @@ from airfleet import config, lifecycle
 from airfleet.errors import Conflict, LeaseHeld, NotFound, StaleFencingToken
 from airfleet.policy import Binding, Decision
 from airfleet.resources import Cluster, ClusterRequest, ClusterStatus, Phase
+from airfleet.store.endpoints import EndpointEvent, EndpointRecord, EndpointStore
 from airfleet.store.tables import (
     ClusterRow,
     EventRow,
@@ -41,6 +42,8 @@ from airfleet.store.tables import (
     PolicyBindingRow,
     SecretRow,
 )
+
+__all__ = ["ClusterRecord", "EndpointEvent", "EndpointRecord", "Event", "Lease", "Store", "now"]
 
 GLOBAL_SCOPE = "*"  # the scope of bindings that hold for every cluster
 
@@ -126,8 +129,9 @@ def engine_for(url: str) -> Engine:
     return engine
 
 
-class Store:
-    """Every read and write of Airfleet's durable state goes through here."""
+class Store(EndpointStore):
+    """Every read and write of Airfleet's durable state goes through here (endpoints: see
+    :class:`~airfleet.store.endpoints.EndpointStore`)."""
 
     def __init__(self, url: str | None = None):
         self.url = url or config.database_url()

@@ -133,3 +133,51 @@ class PolicyAuditRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     run_id: Mapped[str | None] = mapped_column(String(250))
     actor: Mapped[str | None] = mapped_column(String(250))
+
+
+class EndpointRow(Base):
+    """One version of an endpoint (airfleet.endpoints), in one incarnation: a deleted version
+    keeps its row (deleted_at set) and its history."""
+
+    __tablename__ = "airfleet_endpoints"
+
+    uid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), index=True)
+    version: Mapped[str] = mapped_column(String(20))
+    cluster: Mapped[str] = mapped_column(String(63), index=True)
+    served_model: Mapped[str] = mapped_column(String(256))
+    phase: Mapped[str] = mapped_column(String(16), index=True)
+    spec: Mapped[dict] = mapped_column(JSON)
+    labels: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[dict] = mapped_column(JSON)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    observed_generation: Mapped[int] = mapped_column(Integer, default=0)
+    # Optimistic concurrency, as on clusters ("version" is the endpoint's own).
+    row_version: Mapped[int] = mapped_column(Integer, default=1)
+    observed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("uq_airfleet_endpoints_live_version", "name", "version", unique=True,
+              sqlite_where=text("deleted_at IS NULL"),
+              postgresql_where=text("deleted_at IS NULL")),
+    )
+
+
+class EndpointEventRow(Base):
+    __tablename__ = "airfleet_endpoint_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    endpoint: Mapped[str] = mapped_column(String(63), index=True)
+    version: Mapped[str] = mapped_column(String(20))
+    endpoint_uid: Mapped[str] = mapped_column(String(32), index=True)
+    cluster: Mapped[str] = mapped_column(String(63))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    kind: Mapped[str] = mapped_column(String(16))  # Transition | Normal | Warning
+    from_phase: Mapped[str | None] = mapped_column(String(16))
+    to_phase: Mapped[str | None] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text, default="")
+    run_id: Mapped[str | None] = mapped_column(String(250), index=True)

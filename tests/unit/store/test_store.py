@@ -21,7 +21,8 @@ from airfleet.store.migrations import VERSION_TABLE, current_revision
 from airfleet.store.tables import Base, ClusterRow, EventRow
 
 TABLES = {"airfleet_clusters", "airfleet_events", "airfleet_leases", "airfleet_vault_secrets",
-          "airfleet_policy_bindings", "airfleet_policy_audit"}
+          "airfleet_policy_bindings", "airfleet_policy_audit", "airfleet_endpoints",
+          "airfleet_endpoint_events"}
 
 
 def request(name: str = "alpha", head: str = "10.0.0.1",
@@ -58,9 +59,9 @@ def drive(store: Store, name: str, *phases: Phase) -> None:
 # ---- schema -----------------------------------------------------------------------------------
 
 def test_migrate_is_idempotent_and_returns_head(store: Store):
-    assert store.migrate() == "0003"
-    assert store.migrate() == "0003"
-    assert current_revision(store.engine) == "0003"
+    assert store.migrate() == "0004"
+    assert store.migrate() == "0004"
+    assert current_revision(store.engine) == "0004"
     names = set(inspect(store.engine).get_table_names())
     assert TABLES | {VERSION_TABLE} <= names
     assert "alembic_version" not in names  # Airflow's own version table stays untouched
