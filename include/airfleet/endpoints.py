@@ -35,6 +35,7 @@ from airfleet.errors import InvalidRequest
 from airfleet.resources import (
     DRY_RUN,
     Cluster,
+    Image,
     Int,
     Metadata,
     Name,
@@ -58,12 +59,13 @@ ARG_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
 # spec, in Ray's dashboard): give those to the engine through its environment instead.
 _SECRET_WORDS = frozenset({"token", "password", "passwd", "secret", "secrets", "credential",
                            "credentials"})
-_SECRET_PAIRS = ("api-key", "private-key", "access-key")
+_SECRET_PAIRS = ("api-key", "private-key", "access-key", "secret-key")
 
 
 def _secret_arg(key: str) -> bool:
-    # By word: "hf-token" is a secret, "max-num-batched-tokens" is not.
-    return bool(_SECRET_WORDS & set(key.split("-"))) or any(p in key for p in _SECRET_PAIRS)
+    # By what the flag names last: "hf-token" holds a secret; "max-num-batched-tokens" and
+    # "token-latency-ms" do not.
+    return key.split("-")[-1] in _SECRET_WORDS or key.endswith(_SECRET_PAIRS)
 
 # Flags Airfleet sets itself from the spec: giving them as engine_args would contradict it.
 OWNED_ARGS = frozenset({"model", "model-path", "served-model-name", "port", "host",
@@ -123,6 +125,9 @@ ArgValue = str | int | float | bool | None
 class EndpointSpec(Strict):
     cluster: Name = Field(description="the Running cluster that serves it")
     engine: Engine
+    image: Image | None = Field(None, description=(
+        "the engine's container image on Kubernetes (default: vllm/vllm-openai, "
+        "lmsysorg/sglang or airfleet/mock-engine at the version Airfleet pins)"))
     model: EndpointModel
     replicas: Int = Field(1, ge=0, le=256)
     resources: EndpointResources = Field(default_factory=EndpointResources)

@@ -79,9 +79,17 @@ def test_the_param_schema_refuses_what_pydantic_refuses_on_its_own_fields():
             jsonschema.validate(conf(**bad)["endpoint"], schema)
 
 
-def test_word_tokens_in_an_engine_flag_are_not_secrets():
-    assert spec(engine_args={"max-num-batched-tokens": 8192}).engine_args == \
-        {"max-num-batched-tokens": 8192}
+@pytest.mark.parametrize("flag", ["max-num-batched-tokens", "token-latency-ms",
+                                  "tokenizer-mode", "ssl-keyfile"])
+def test_flags_that_only_mention_tokens_or_keys_are_not_secrets(flag):
+    assert spec(engine_args={flag: "1"}).engine_args == {flag: "1"}
+
+
+@pytest.mark.parametrize("flag", ["hf-token", "api-key", "auth-token", "password",
+                                  "aws-secret-key", "client-secret"])
+def test_flags_that_carry_secrets_are_refused(flag):
+    assert f"endpoint.spec.engine_args.{flag}: a secret on the engine's command line" in \
+        refused(conf(engine_args={flag: "x"}))
 
 
 def test_max_model_len_rule():
