@@ -38,6 +38,9 @@ README = ROOT / "README.md"
 RUNNABLE = re.compile(r"^<!-- runnable -->\n```(?:sh|bash)\n(.*?)^```", re.M | re.S)
 PROMISE = re.compile(r"#\s*→\s*(.+?)\s*$", re.M)
 BLOCK_TIMEOUT = 300
+# `make run` gives SQLite a 30 s busy timeout: a read queued behind a task's write lock may
+# wait that long before the api-server answers (CI saw a 10 s read time out).
+API_TIMEOUT = 45
 CLUSTER = "llm-a"
 
 
@@ -140,7 +143,7 @@ def _wait_dags(base: str, headers: dict, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         dags = requests.get(f"{base}/api/v2/dags", params={"tags": "airfleet"}, headers=headers,
-                            timeout=10).json().get("dags", [])
+                            timeout=API_TIMEOUT).json().get("dags", [])
         if {d["dag_id"] for d in dags} == DAG_IDS:
             return
         time.sleep(2)
@@ -191,14 +194,14 @@ def _runs(server) -> dict[str, str]:
     for dag in DAG_IDS:
         r = requests.get(f"{server['base']}/api/v2/dags/{dag}/dagRuns",
                          params={"run_type": "manual", "limit": 100},
-                         headers=server["headers"], timeout=10)
+                         headers=server["headers"], timeout=API_TIMEOUT)
         runs.update({d["dag_run_id"]: dag for d in r.json()["dag_runs"]})
     return runs
 
 
 def _state(server, dag: str, run: str) -> str:
     r = requests.get(f"{server['base']}/api/v2/dags/{dag}/dagRuns/{run}",
-                     headers=server["headers"], timeout=10)
+                     headers=server["headers"], timeout=API_TIMEOUT)
     return r.json()["state"]
 
 
@@ -217,7 +220,7 @@ def _print_failed_runs(server, runs: dict[str, str]) -> None:
 
 def _cluster(server) -> requests.Response:
     return requests.get(f"{server['base']}/airfleet/api/v1/clusters/{CLUSTER}",
-                        headers=server["headers"], timeout=10)
+                        headers=server["headers"], timeout=API_TIMEOUT)
 
 
 def _expect_running(server, farm, workers: int) -> None:
@@ -260,7 +263,7 @@ def test_the_form_shows_the_example_and_rest_still_needs_a_cluster(readme_airflo
     base, headers = readme_airflow["base"], readme_airflow["headers"]
     for dag in ("airfleet_cluster_create", "airfleet_cluster_update", "airfleet_cluster_onboard"):
         params = requests.get(f"{base}/api/v2/dags/{dag}/details", headers=headers,
-                              timeout=10).json()["params"]
+                              timeout=API_TIMEOUT).json()["params"]
         cluster = params["cluster"]
         assert cluster["value"] is None and cluster["description"] is None, cluster
         md = cluster["schema"]["description_md"]
@@ -269,7 +272,7 @@ def test_the_form_shows_the_example_and_rest_still_needs_a_cluster(readme_airflo
 
     before = _runs(readme_airflow)
     r = requests.post(f"{base}/api/v2/dags/airfleet_cluster_create/dagRuns", headers=headers,
-                      json={"logical_date": None, "conf": {}}, timeout=10)
+                      json={"logical_date": None, "conf": {}}, timeout=API_TIMEOUT)
     assert r.status_code == 400, r.text
     assert "cluster" in r.text
     assert _runs(readme_airflow) == before
