@@ -55,7 +55,9 @@ and dispatches on (subresource, verb)). Everything the server answers mirrors ku
   Deployment's selector, a Service's clusterIPs, a binding's roleRef.
 - A fresh server (and `reset()`) holds the namespaces of a fresh cluster: default, kube-system,
   kube-public, kube-node-lease, and no RBAC objects (no bootstrap ClusterRoles such as view or
-  edit). Not implemented: pod logs/exec, limit/continue (lists come whole), watch in Table form,
+  edit). Pods using an image of `run_images` run as local processes (kube_kubelet.py): their
+  podIP is a loopback address of their own, their readiness follows their probes, and
+  `GET .../pods/<name>/log` serves their output. Not implemented: pod exec, limit/continue (lists come whole), watch in Table form,
   aggregated discovery, admission beyond name validation, apply to the scale subresource.
 
 The Python state methods (`create`, `get`, `list`, `update`, `delete`, `add_node`,
@@ -140,7 +142,7 @@ RESOURCES = (
     _R("", "v1", "namespaces", "Namespace", False, ("ns",), ("status",),
        ("create", "delete", "get", "list", "patch", "update", "watch"), ("status.phase",)),
     _R("", "v1", "nodes", "Node", False, ("no",), ("status",), fields=("spec.unschedulable",)),
-    _R("", "v1", "pods", "Pod", True, ("po",), ("status",), fields=_POD_FIELDS),
+    _R("", "v1", "pods", "Pod", True, ("po",), ("status", "log"), fields=_POD_FIELDS),
     _R("", "v1", "services", "Service", True, ("svc",), ("status",)),
     _R("", "v1", "secrets", "Secret", True, fields=("type",)),
     _R("", "v1", "configmaps", "ConfigMap", True, ("cm",)),
@@ -178,6 +180,7 @@ _SUBRESOURCE_KINDS = {  # discovery of the subresources that are another kind: (
     "scale": ({"group": "autoscaling", "version": "v1", "kind": "Scale"}, _SUBRESOURCE_VERBS),
     "token": ({"group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest"},
               ["create"]),
+    "log": ({"kind": "Pod"}, ["get"]),
 }
 
 
@@ -665,9 +668,12 @@ class FakeKubeAPIServer:
     """kube-apiserver's behaviour for tests; see the module docstring."""
 
     def __init__(self, *, ready_delay: float = 0.0, terminate_delay: float = 0.2,
-                 token: str = "fake-token"):
+                 token: str = "fake-token", run_images: dict[str, Any] | None = None):
+        """`run_images`: image repository -> runner (kube_kubelet.py): pods using one of
+        those images run as local processes; `processes` tells their pids and logs."""
         self.ready_delay, self.terminate_delay, self.token = ready_delay, terminate_delay, token
-        self._defaults = (ready_delay, terminate_delay)
+        self.run_images: dict[str, Any] = dict(run_images or {})
+        self._defaults = (ready_delay, terminate_delay, dict(self.run_images))
         self.never_ready: set[tuple[str, str]] = set()
         self.bad_images: set[str] = set()  # pods using one of these stay in ImagePullBackOff
         self.requests: list[tuple[str, str, int]] = []
@@ -697,7 +703,7 @@ class FakeKubeAPIServer:
             ("", "update"): self._update, ("", "patch"): self._update, ("", "delete"): self._delete,
             **{(sub, verb): self._get if verb == "get" else self._update
                for sub in ("status", "scale") for verb in ("get", "update", "patch")},
-            ("token", "create"): self._create_token,
+            ("token", "create"): self._create_token, ("log", "get"): self._pod_log,
         }
         routes = [  # (path, handler); discovery and health are read-only
             ("/version", self._version), ("/api", self._core_versions), ("/apis", self._group_list),
@@ -752,6 +758,7 @@ class FakeKubeAPIServer:
     def stop(self) -> None:
         if not self._thread:
             return
+        self.processes.cleanup()  # outside the lock: the pods' supervisors take it
         with self._lock:
             self._cancel_timers()
             self._close_watches()
@@ -761,6 +768,12 @@ class FakeKubeAPIServer:
         shutil.rmtree(self._tls_dir, ignore_errors=True)
         self._thread, self._servers = None, []
 
+    @property
+    def processes(self) -> Any:
+        """The kubelet running pods as processes (kube_kubelet.PodProcesses): `pids()`,
+        `log_path()`."""
+        return self._controllers.processes
+
     def __enter__(self) -> FakeKubeAPIServer:
         return self.start()
 
@@ -769,7 +782,9 @@ class FakeKubeAPIServer:
 
     def reset(self) -> None:
         """A fresh cluster again (system namespaces only); no faults, denials or recorded
-        requests; knobs back to the constructor's values; open watches are closed."""
+        requests; knobs back to the constructor's values; open watches are closed; every pod
+        process is stopped."""
+        self.processes.reset()  # outside the lock: the pods' supervisors take it
         with self._lock:
             self._cancel_timers()
             self._close_watches()
@@ -783,7 +798,8 @@ class FakeKubeAPIServer:
             self.requests.clear()
             self.never_ready.clear()
             self.bad_images.clear()
-            self.ready_delay, self.terminate_delay = self._defaults
+            self.ready_delay, self.terminate_delay = self._defaults[:2]
+            self.run_images = dict(self._defaults[2])
             self._controllers.reset()
             self._seed()
 
@@ -1513,6 +1529,31 @@ class FakeKubeAPIServer:
             if policy == "Orphan" or options.get("orphanDependents") is True:
                 obj = self._controllers.gc.orphan(t.res, obj)  # else the GC deletes them
             return self._deleted_response(t.res, self._remove(t.res, obj))
+
+    async def _pod_log(self, request: Request, t: _Target) -> Response:
+        """pods/log of a pod run as processes (container, previous, tailLines); a pod the
+        timer kubelet runs has an empty log."""
+        q = request.query_params
+        with self._lock:
+            pod = copy.deepcopy(self._require(t.res, t.namespace, t.name))
+        names = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+        container = q.get("container") or (names[0] if len(names) == 1 else None)
+        if container is None:
+            raise KubeAPIError(400, f"a container name must be specified for pod {t.name}, "
+                                    f"choose one of: [{' '.join(names)}]")
+        if container not in names:
+            raise KubeAPIError(400, f"container {container} is not valid for pod {t.name}")
+        previous = _flag(request, "previous")
+        path = self.processes.log_path(t.namespace, t.name, container, previous=previous)
+        if path is None and previous:
+            raise KubeAPIError(400, f'previous terminated container "{container}" in pod '
+                                    f'"{t.name}" not found')
+        text = path.read_text(errors="replace") if path is not None and path.exists() else ""
+        if q.get("tailLines", "").isdigit():
+            lines = text.splitlines(keepends=True)
+            text = "".join(lines[len(lines) - int(q["tailLines"]):]) if int(q["tailLines"]) \
+                else ""
+        return PlainTextResponse(text)
 
     @staticmethod
     def _deleted_response(res: Resource, obj: dict) -> Response:

@@ -23,7 +23,9 @@ kubernetes/kubernetes):
 - The kubelet: `ready_delay` seconds after a ReplicaSet creates a pod it is Running and Ready;
   a pod of a Deployment in `never_ready` runs but never turns Ready (a failing readiness probe);
   a pod using an image in `bad_images` stays Pending in ImagePullBackOff. Pods are not bound
-  to nodes, and a deleted pod goes at once (no graceful termination).
+  to nodes, and a deleted pod goes at once (no graceful termination). Opt-in: a pod (created by
+  anyone) using an image of the server's `run_images` is run as local processes by
+  kube_kubelet.py instead, its status following the processes and their probes.
 - The garbage collector (pkg/controller/garbagecollector): deleting an owner deletes its
   dependents (background propagation), or strips their ownerReferences when the delete asks
   for `propagationPolicy: Orphan`.
@@ -662,6 +664,8 @@ class Controllers:
         self.deployments = DeploymentController(self)
         self.replicasets = ReplicaSetController(self)
         self.kubelet = Kubelet(self)
+        from tests.fakes.kube_kubelet import PodProcesses  # it imports this module's helpers
+        self.processes = PodProcesses(server, self.store)
         self.gc = GarbageCollector(self)
         self.namespaces = NamespaceController(self)
         self._handlers: dict[str, Callable[..., None]] = {
@@ -678,6 +682,8 @@ class Controllers:
     # --- events in, work out ------------------------------------------------------------------
 
     def observe(self, event: str, res: Any, obj: dict, prev: dict | None) -> None:
+        if res.kind == "Pod":  # even when suspended: a purged pod's processes must stop
+            self.processes.observe(event, obj)
         if self._suspended:
             return
         for item in self._work_for(event, res.kind, obj, prev):
@@ -1224,6 +1230,7 @@ class Kubelet:
         self._next_ip = 0
 
     def created(self, pods: list[dict]) -> None:
+        pods = [p for p in pods if not self.c.processes.handles(p)]  # run as processes
         if pods:  # one timer per batch: pods created together start together
             keys = tuple((p["metadata"]["namespace"], p["metadata"]["name"], p["metadata"]["uid"])
                          for p in pods)
