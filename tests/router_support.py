@@ -4,8 +4,10 @@ Importing this module puts ``router/`` on ``sys.path`` (the router is a service 
 not part of the airfleet package). It also runs, as real processes:
 
 - :class:`Upstream`: a tiny OpenAI-shaped inference server (Starlette + uvicorn) that answers
-  which upstream it is, and streams Server-Sent Events with a delay between chunks for
-  ``"stream": true``; started as ``python -m tests.router_support upstream NAME`` on a socket
+  which upstream it is (also in the header ``X-Airfleet-Engine``), and streams Server-Sent
+  Events with a delay between chunks for ``"stream": true``; its ``/metrics`` shows vLLM's
+  load gauges (requests in flight as running, plus a waiting count a test sets with
+  ``set_waiting``); started as ``python -m tests.router_support upstream NAME`` on a socket
   the test bound (no port race);
 - :class:`RouterProcess`: ``python -m airfleet_router`` with the environment pointing at a
   (fake) Kubernetes API, its output captured to a file.
@@ -56,18 +58,30 @@ def wait_http(url: str, timeout: float = 15, ok=lambda r: r.status_code < 500,
 
 def pod(name: str, model: str | None, port: int, *, ready: bool = True,
         ip: str = "127.0.0.1", namespace: str = "airfleet-test", port_name: str = "http",
-        annotations: dict | None = None) -> dict:
-    """An endpoint pod as the API shows it (scheduled, with an IP, Ready or not)."""
-    labels = {"airfleet.io/endpoint": "true"}
+        annotations: dict | None = None, version: str | None = None,
+        served_model: str | None = None, endpoint: str = "true",
+        metrics_port: int | None = None) -> dict:
+    """An endpoint pod as the API shows it (scheduled, with an IP, Ready or not), as the
+    endpoint deploy flow labels it: ``version`` and ``served_model`` (the exact name, in the
+    annotation ``airfleet.io/served-model``) when given."""
+    labels = {"airfleet.io/endpoint": endpoint}
     if model is not None:
         labels["airfleet.io/model"] = model
+    if version is not None:
+        labels["airfleet.io/version"] = version
+    annotations = dict(annotations or {})
+    if served_model is not None:
+        annotations["airfleet.io/served-model"] = served_model
     meta: dict = {"name": name, "namespace": namespace, "labels": labels}
     if annotations:
         meta["annotations"] = annotations
+    ports = [{"name": port_name, "containerPort": port}]
+    if metrics_port is not None:
+        ports.append({"name": "metrics", "containerPort": metrics_port})
     return {
         "apiVersion": "v1", "kind": "Pod", "metadata": meta,
         "spec": {"containers": [{"name": "server", "image": "vllm/vllm-openai:v0.11.0",
-                                 "ports": [{"name": port_name, "containerPort": port}]}]},
+                                 "ports": ports}]},
         "status": {"phase": "Running", "podIP": ip,
                    "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
     }
@@ -99,6 +113,12 @@ class Upstream:
         wait_http(f"{self.url}/health", proc=self.proc)
         return self
 
+    def set_waiting(self, waiting: int) -> None:
+        """What ``vllm:num_requests_waiting`` shows from now on (other clients' queue)."""
+        response = httpx.post(f"{self.url}/admin/waiting", json={"waiting": waiting},
+                              trust_env=False)
+        response.raise_for_status()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -113,11 +133,31 @@ def _upstream_app(name: str):
     import asyncio
 
     from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.routing import Route
 
+    state = {"running": 0, "waiting": 0}
+
     async def infer(request: Request):
+        state["running"] += 1
+        try:
+            response = await answer(request)
+        except BaseException:
+            state["running"] -= 1
+            raise
+        if isinstance(response, StreamingResponse):
+            response.background = BackgroundTask(done)
+        else:
+            done()
+        response.headers["x-airfleet-engine"] = name
+        return response
+
+    def done() -> None:
+        state["running"] -= 1
+
+    async def answer(request: Request):
         body = await request.json()
         seen = {"upstream": name, "model": body.get("model"), "path": request.url.path,
                 "query": request.url.query,
@@ -143,9 +183,23 @@ def _upstream_app(name: str):
     async def health(request: Request):
         return JSONResponse({"upstream": name})
 
+    async def metrics(request: Request):
+        return PlainTextResponse(
+            "# TYPE vllm:num_requests_running gauge\n"
+            f'vllm:num_requests_running{{model_name="m"}} {float(state["running"])}\n'
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f'vllm:num_requests_waiting{{model_name="m"}} {float(state["waiting"])}\n'
+            "# TYPE vllm:kv_cache_usage_perc gauge\n"
+            'vllm:kv_cache_usage_perc{model_name="m"} 0.0\n')
+
+    async def set_waiting(request: Request):
+        state["waiting"] = int((await request.json())["waiting"])
+        return JSONResponse(state)
+
     return Starlette(routes=[Route("/v1/chat/completions", infer, methods=["POST"]),
                              Route("/v1/completions", infer, methods=["POST"]),
-                             Route("/health", health)])
+                             Route("/health", health), Route("/metrics", metrics),
+                             Route("/admin/waiting", set_waiting, methods=["POST"])])
 
 
 # ---- the router ------------------------------------------------------------------------------

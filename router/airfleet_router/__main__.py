@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 
@@ -41,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Counters' *_created series double the scrape for no use (Prometheus ignores them).
     disable_created_metrics()
+    app = create_app(cfg)
+    # What exists now (modules, the app) lives as long as the process: frozen, the collector
+    # stops scanning it at each full collection, pauses that showed in the latency tail.
+    gc.freeze()
     server = uvicorn.Server(uvicorn.Config(
-        create_app(cfg), host=cfg.host, port=cfg.port, log_config=None,
+        app, host=cfg.host, port=cfg.port, log_config=None,
         log_level=cfg.log_level, lifespan="on", proxy_headers=False,
         # Off by default: a line per request costs about a third of the router's throughput,
         # and airfleet_router_requests_total counts requests by model and status anyway.

@@ -2,11 +2,13 @@
 serving the requested model, plus ``/v1/models``, ``/healthz`` and ``/metrics``.
 
 A request to ``/v1/chat/completions`` or ``/v1/completions`` is read whole (its JSON names the
-model), sent unchanged to one ready pod of that model (see :mod:`airfleet_router.balancer`)
-and the pod's answer is relayed as it arrives, byte for byte: Server-Sent Events of a
-``"stream": true`` request reach the client chunk by chunk. If the chosen pod refuses the
-connection, one other ready pod is tried (the request was not sent, so this is safe for a
-POST); nothing is retried once the request has reached a pod.
+model and, for sticky sessions, its session key: the ``X-Session-ID`` header or its first
+user messages), sent unchanged to one ready pod of that model (see
+:mod:`airfleet_router.balancer`) and the pod's answer is relayed as it arrives, byte for byte:
+Server-Sent Events of a ``"stream": true`` request reach the client chunk by chunk. If the
+chosen pod refuses the connection, one other ready pod of the model is tried, of the same
+version when there is one (the request was not sent, so this is safe for a POST); nothing is
+retried once the request has reached a pod.
 
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. Request bodies
 and the ``Authorization`` header are never logged.
@@ -18,11 +20,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Collection
-from http.cookiejar import CookieJar
 
+import aiohttp
 import httpx
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -42,6 +43,8 @@ from starlette.routing import Route
 from airfleet_router.balancer import Balancer
 from airfleet_router.config import RouterConfig
 from airfleet_router.discovery import Endpoint, PodWatcher, RoutingTable
+from airfleet_router.routes import RoutesWatcher
+from airfleet_router.scraper import Scraper
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +53,14 @@ UPSTREAM_CONNECT_TIMEOUT = 3.0  # a pod IP that does not answer SYNs: fail over 
 # Below the 5 s keep-alive of uvicorn (vLLM, SGLang) so we do not reuse a connection the pod
 # is closing at that very moment.
 UPSTREAM_KEEPALIVE_EXPIRY = 4.0
-UPSTREAM_KEEPALIVE_CONNECTIONS = 64  # per pool
-POOLS_PER_ENDPOINT = 8  # see UpstreamPools
+POOLS_PER_ENDPOINT = 1  # see UpstreamPools: one aiohttp session per pod is enough
 PRUNE_INTERVAL = 30.0  # seconds between closing the pools of pods that left the table
 # A response of known length up to this size is read whole, then sent in one piece: a
 # non-streamed completion is useless to the client until complete anyway, and this saves the
 # streaming machinery (a task per response) about 0.7 ms per request. Anything longer, of
 # unknown length or an event stream is relayed as it arrives.
 BUFFERED_MAX = 1024 * 1024
+PROMPT_KEY_CHARS = 256  # of a completion's prompt, for its session key
 RETRY_AFTER_NO_POD = "5"  # seconds; a pod becoming ready takes longer than that anyway
 # Hop-by-hop headers (RFC 9110 7.6.1) are for one connection and never forwarded; Host and
 # Content-Length are set again for the upstream request; Date and Server come from our server.
@@ -75,6 +78,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple, object] = {}
         ProcessCollector(registry=self.registry)
         self.requests = Counter(
             "airfleet_router_requests", "Inference requests by model and HTTP status answered",
@@ -97,6 +101,36 @@ class Metrics:
         self.watch_synced = Gauge(
             "airfleet_router_watch_synced", "1 once the pod list has been read",
             registry=self.registry)
+        self.version_requests = Counter(
+            "airfleet_router_version_requests",
+            "Requests sent to a pod, by model and the pod's version", ["model", "version"],
+            registry=self.registry)
+        self.weight_fallbacks = Counter(
+            "airfleet_router_weight_fallbacks",
+            "Requests of a weighted model sent to any ready pod because no version with a "
+            "weight above 0 had one", ["model"], registry=self.registry)
+        self.routes_errors = Counter(
+            "airfleet_router_routes_config_errors",
+            "Malformed airfleet-routes ConfigMaps seen (the last good weights were kept)",
+            registry=self.registry)
+        self.routes_restarts = Counter(
+            "airfleet_router_routes_watch_restarts",
+            "Restarts of the airfleet-routes watch by reason (stream_end, gone, error)",
+            ["reason"], registry=self.registry)
+        self.scrape_failures = Counter(
+            "airfleet_router_scrape_failures",
+            "Engine /metrics scrapes that failed (the pod is then balanced on in-flight only)",
+            registry=self.registry)
+
+    def labelled(self, metric, *values: str):
+        """``metric.labels(*values)``, remembered: that look-up costs more than the update, and
+        these children are never removed (the values are bounded: known models, versions,
+        statuses)."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def update_ready(self, table: RoutingTable, models: set[str]) -> None:
         for model in models:
@@ -121,33 +155,41 @@ class _ConnectFailed(Exception):
     """The pod could not be reached: nothing was sent, another pod may be tried."""
 
 
-class _NoCookies(CookieJar):
-    """httpx clients keep the cookies responses set and send them with later requests: in a
-    proxy shared by every client, that hands one user's cookie to the next. Keep none."""
+class _ClientGone(Exception):
+    """The client disconnected while sending its request."""
 
-    def extract_cookies(self, response, request) -> None:
-        pass
 
-    def set_cookie(self, cookie) -> None:
-        pass
+class _Buffered:
+    """A whole upstream response, sent as two ASGI messages (cheaper than a Response)."""
+
+    __slots__ = ("status_code", "headers", "body")
+
+    def __init__(self, status_code: int, headers: list[tuple[bytes, bytes]],
+                 body: bytes) -> None:
+        self.status_code, self.headers, self.body = status_code, headers, body
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class _UpstreamResponse(StreamingResponse):
-    """Relays an httpx streamed response as it arrives. ``on_done`` runs once: as soon as the
+    """Relays an aiohttp response as it arrives. ``on_done`` runs once: as soon as the
     upstream body is exhausted (before the client sees the end of the response, so the
     balancer's count is exact for the client's next request), or when the client went away or
     the upstream broke off (``StreamingResponse``'s background task does not run then)."""
 
-    def __init__(self, upstream: httpx.Response, endpoint: Endpoint,
+    def __init__(self, upstream: aiohttp.ClientResponse, endpoint: Endpoint,
                  on_done: Callable[[], None]) -> None:
-        super().__init__(self._relay(), status_code=upstream.status_code)
+        super().__init__(self._relay(), status_code=upstream.status)
         self.raw_headers = _response_headers(upstream)
         self._upstream = upstream
         self._endpoint = endpoint
         self._on_done: Callable[[], None] | None = on_done
 
     async def _relay(self) -> AsyncIterator[bytes]:
-        async for chunk in self._upstream.aiter_raw():
+        async for chunk in self._upstream.content.iter_any():
             yield chunk
         self._done()
 
@@ -159,25 +201,27 @@ class _UpstreamResponse(StreamingResponse):
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
-        except httpx.HTTPError as e:
-            # The pod broke off mid-response: the client's connection is dropped too (no
-            # clean end of a truncated body), which is what the re-raise makes uvicorn do.
+        except (TimeoutError, aiohttp.ClientError) as e:
+            # The pod broke off mid-response (or fell silent): the client's connection is
+            # dropped too (no clean end of a truncated body), which the re-raise makes
+            # uvicorn do.
             log.warning("upstream %s broke off its response: %s", self._endpoint,
                         type(e).__name__)
+            self._upstream.close()
             raise
         finally:
             self._done()
-            await self._upstream.aclose()
+            self._upstream.release()
 
 
-def _response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
+def _response_headers(upstream: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
     """The upstream's headers as sent (repeated ones kept), minus those not forwarded."""
     dropped = NOT_FORWARDED_DOWN | _connection_tokens(upstream.headers.get("connection"))
-    return [(k.lower(), v) for k, v in upstream.headers.raw
+    return [(k.lower(), v) for k, v in upstream.raw_headers
             if k.lower().decode("latin-1") not in dropped]
 
 
-def _buffered(upstream: httpx.Response) -> bool:
+def _buffered(upstream: aiohttp.ClientResponse) -> bool:
     length = upstream.headers.get("content-length", "")
     return (length.isdigit() and int(length) <= BUFFERED_MAX
             and not upstream.headers.get("content-type", "").startswith("text/event-stream"))
@@ -190,12 +234,20 @@ def _connection_tokens(value: str | None) -> frozenset[str]:
     return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
+async def _read_body(receive, length: bytes | None, limit: int) -> bytes:
+    """The whole request body from the ASGI ``receive``."""
     if length and length.isdigit() and int(length) > limit:
         raise _RequestTooLarge()
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body"):
+        return body
+    chunks, size = [body], len(body)
+    while message.get("more_body"):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise _RequestTooLarge()
@@ -203,73 +255,117 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _model_of(body: bytes) -> tuple[str | None, str | None]:
-    """(model, None) or (None, what is wrong with the body)."""
+def _parse(body: bytes) -> tuple[dict | None, str | None, str | None]:
+    """(payload, model, None) or (None, None, what is wrong with the body)."""
     if not body.strip():
-        return None, "the request body must be a JSON object with a 'model'"
+        return None, None, "the request body must be a JSON object with a 'model'"
     try:
         payload = json.loads(body)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError; the body is not echoed
-        return None, "the request body is not valid JSON"
+        return None, None, "the request body is not valid JSON"
     if not isinstance(payload, dict):
-        return None, "the request body must be a JSON object"
+        return None, None, "the request body must be a JSON object"
     model = payload.get("model")
     if not isinstance(model, str) or not model:
-        return None, "you must provide a model parameter ('model' must be a non-empty string)"
-    return model, None
+        return None, None, ("you must provide a model parameter ('model' must be a non-empty "
+                            "string)")
+    return payload, model, None
+
+
+def _model_of(body: bytes) -> tuple[str | None, str | None]:
+    """(model, None) or (None, what is wrong with the body)."""
+    _, model, problem = _parse(body)
+    return model, problem
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def message_key(payload: dict) -> bytes | None:
+    """A session key from the conversation's start: the content of up to the first two user
+    messages of a chat request, or the first PROMPT_KEY_CHARS characters of a completion's
+    prompt. None when there is neither (the request is then not sticky)."""
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        parts = [_text(m.get("content")) for m in messages
+                 if isinstance(m, dict) and m.get("role") == "user"][:2]
+        return "\x00".join(parts).encode("utf-8", "surrogatepass") if parts else None
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and prompt:
+        prompt = prompt[0]
+    if prompt is None or prompt == "":
+        return None
+    return _text(prompt)[:PROMPT_KEY_CHARS].encode("utf-8", "surrogatepass")
+
+
+class _Pool:
+    """One endpoint's connection pool: an aiohttp session of its own, sending the client's
+    headers unchanged and keeping no cookies."""
+
+    def __init__(self, timeout: aiohttp.ClientTimeout) -> None:
+        self.session = aiohttp.ClientSession(
+            # No cap on connections: the inference server queues requests itself, a second
+            # queue here would only add waits.
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0,
+                                           keepalive_timeout=UPSTREAM_KEEPALIVE_EXPIRY),
+            timeout=timeout,
+            # A proxy shared by every client must not hand one user's cookie to the next.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            # aiohttp adds these to every request; the client's own headers (or their
+            # absence) must reach the pod unchanged.
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+            # Relayed as sent: a compressed body stays compressed, as its headers say.
+            auto_decompress=False,
+            # The pod's HTTP(S)_PROXY must not divert traffic to pod IPs.
+            trust_env=False)
+
+    @property
+    def headers(self):
+        return self.session.headers
+
+    @property
+    def is_closed(self) -> bool:
+        return self.session.closed
+
+    async def aclose(self) -> None:
+        await self.session.close()
 
 
 class UpstreamPools:
-    """httpx clients (each one connection pool) for the pods: POOLS_PER_ENDPOINT per endpoint,
-    used in turn.
+    """Connection pools (aiohttp sessions) for the pods: POOLS_PER_ENDPOINT per endpoint, used
+    in turn. :meth:`prune` closes the pools of endpoints that left the routing table once no
+    request uses them.
 
-    httpx 0.28's pool re-examines every connection it holds whenever a request starts or ends
-    (a socket probe per idle one, and a count of all connections per idle one: quadratic), so
-    its cost per request grows with the connections in the pool (encode/httpx#3215). Pools per
-    pod bound that by the pod's own concurrency, and splitting each pod's connections over a
-    few pools divides it again: with 32 requests in flight to one pod, 8 pools halve the
-    router's CPU per request and double its throughput. :meth:`prune` closes the pools of
-    endpoints that left the routing table once no request uses them.
+    aiohttp rather than httpx: httpx 0.28's pool re-examines every connection it holds whenever
+    a request starts or ends (encode/httpx#3215) and runs over anyio's socket streams; with 32
+    requests in flight it took most of the router's CPU even split over 8 pools per pod.
+    aiohttp's connector takes a free connection in constant time over asyncio's transports.
     """
 
     def __init__(self, upstream_timeout: float) -> None:
-        self._timeout = httpx.Timeout(upstream_timeout,
-                                      connect=min(UPSTREAM_CONNECT_TIMEOUT, upstream_timeout))
-        # Pods are reached over plain http; one context for all clients spares each new client
-        # loading the CA bundle (httpx builds a context per client otherwise).
-        self._ssl = ssl.create_default_context()
-        self._clients: dict[Endpoint, list[httpx.AsyncClient | None]] = {}
+        # sock_read bounds the silence between two reads (before the response and between
+        # chunks), as AIRFLEET_ROUTER_UPSTREAM_TIMEOUT says; no total: a stream may be long.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=min(UPSTREAM_CONNECT_TIMEOUT, upstream_timeout),
+            sock_read=upstream_timeout)
+        self._clients: dict[Endpoint, list[_Pool | None]] = {}
         self._turn = 0
 
-    def get(self, endpoint: Endpoint) -> httpx.AsyncClient:
+    def get(self, endpoint: Endpoint) -> _Pool:
         clients = self._clients.get(endpoint)
         if clients is None:
             clients = self._clients[endpoint] = [None] * POOLS_PER_ENDPOINT
-        self._turn = (self._turn + 1) % POOLS_PER_ENDPOINT
+        if POOLS_PER_ENDPOINT > 1:
+            self._turn = (self._turn + 1) % POOLS_PER_ENDPOINT
         client = clients[self._turn]
         if client is None:
-            client = clients[self._turn] = self._new_client()
+            client = clients[self._turn] = _Pool(self._timeout)
         return client
 
     def __len__(self) -> int:
         """Endpoints with pools."""
         return len(self._clients)
-
-    def _new_client(self) -> httpx.AsyncClient:
-        client = httpx.AsyncClient(
-            timeout=self._timeout, verify=self._ssl,
-            # No cap on connections: the inference server queues requests itself, a second
-            # queue here would only add pool timeouts.
-            limits=httpx.Limits(max_connections=None,
-                                max_keepalive_connections=UPSTREAM_KEEPALIVE_CONNECTIONS,
-                                keepalive_expiry=UPSTREAM_KEEPALIVE_EXPIRY),
-            # trust_env=False: the pod's HTTP(S)_PROXY must not divert traffic to pod IPs.
-            trust_env=False, follow_redirects=False, cookies=_NoCookies())
-        # httpx adds Accept, Accept-Encoding and User-Agent to every request; the client's own
-        # headers (or their absence) must reach the pod unchanged.
-        for name in ("accept", "accept-encoding", "user-agent"):
-            del client.headers[name]
-        return client
 
     async def prune(self, live: Collection[Endpoint], busy: Callable[[Endpoint], bool]) -> int:
         """Close the pools of endpoints not in ``live`` and not ``busy``; how many endpoints."""
@@ -289,24 +385,42 @@ class UpstreamPools:
 
 
 class Router:
-    """The application: routing table, balancer, metrics, upstream pools, and the pod watch
-    (started in the lifespan)."""
+    """The application: routing table, weights, balancer, metrics, upstream pools, and the
+    pod watch, routes watch and load scraper (started in the lifespan).
+
+    The proxied paths are served by :meth:`__call__` straight from ASGI (no Starlette request
+    or response objects on the hot path); everything else goes to the Starlette app.
+    """
 
     PROXIED_PATHS = ("/v1/chat/completions", "/v1/completions")
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.table = RoutingTable()
-        self.balancer = Balancer()
         self.metrics = Metrics()
+        self.balancer = Balancer(
+            config.load_factor, on_fallback=self._on_fallback)
         self.watcher: PodWatcher | None = None
+        self.routes: RoutesWatcher | None = None
         self.pools = UpstreamPools(config.upstream_timeout)
-        routes = [Route(path, self.proxy, methods=["POST"]) for path in self.PROXIED_PATHS]
+        self._session_header = config.session_header.lower().encode("latin-1")
+        self._fallback_logged: set[str] = set()
+        routes = [Route(path, self._wrong_method,
+                        methods=["GET", "PUT", "PATCH", "DELETE", "OPTIONS"])
+                  for path in self.PROXIED_PATHS]
         routes += [Route("/v1/models", self.list_models, methods=["GET"]),
                    Route("/healthz", self.healthz, methods=["GET"]),
                    Route("/metrics", self.prometheus, methods=["GET"])]
         self.app = Starlette(routes=routes, lifespan=self.lifespan,
                              exception_handlers={HTTPException: self._http_error})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" \
+                and scope["path"] in self.PROXIED_PATHS:
+            response = await self.proxy(scope, receive)
+            await response(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -317,7 +431,15 @@ class Router:
             self.config, self.table, api,
             on_change=self._on_change,
             on_restart=lambda reason: self.metrics.watch_restarts.labels(reason).inc())
+        self.routes = RoutesWatcher(
+            self.config, api, on_change=self._on_weights,
+            on_invalid=self.metrics.routes_errors.inc,
+            on_restart=lambda reason: self.metrics.routes_restarts.labels(reason).inc())
+        scraper = Scraper(self.balancer, self.table.scrape_targets,
+                          self.config.scrape_interval, self.metrics.scrape_failures.inc)
         tasks = [asyncio.create_task(self.watcher.run(), name="pod-watch"),
+                 asyncio.create_task(self.routes.run(), name="routes-watch"),
+                 asyncio.create_task(scraper.run(), name="load-scraper"),
                  asyncio.create_task(self._prune_pools(), name="prune-pools")]
         log.info("router serving namespace %s from %s; API %s", self.config.namespace,
                  f"{self.config.host}:{self.config.port}", self.config.api_url)
@@ -343,16 +465,40 @@ class Router:
         if self.watcher is not None and self.watcher.synced:
             self.metrics.watch_synced.set(1)
 
+    def _on_weights(self, weights) -> None:
+        self.balancer.set_weights(weights)
+        self._fallback_logged.clear()
+
+    def _on_fallback(self, model: str) -> None:
+        self.metrics.weight_fallbacks.labels(model).inc()
+        if model not in self._fallback_logged:  # once per model and set of weights
+            self._fallback_logged.add(model)
+            log.warning("model %s: no version with a weight above 0 has a ready pod; sending "
+                        "its requests to any ready pod of the model", model)
+
     # ---- handlers ----------------------------------------------------------------------------
 
-    async def proxy(self, request: Request) -> Response:
+    async def proxy(self, scope, receive):
+        """The ASGI response to a proxied request."""
+        headers = scope["headers"]
+        length = connection = session = None
+        for name, value in headers:
+            if name == b"content-length":
+                length = value
+            elif name == b"connection":
+                connection = value
+            elif name == self._session_header:
+                session = value
         try:
-            body = await _read_body(request, MAX_BODY_BYTES)
+            body = await _read_body(receive, length, MAX_BODY_BYTES)
         except _RequestTooLarge:
             return self._count(UNKNOWN_MODEL, error_response(
                 413, f"the request body is larger than {MAX_BODY_BYTES} bytes",
                 "invalid_request_error", "request_too_large"))
-        model, problem = _model_of(body)
+        except _ClientGone:
+            return self._count(UNKNOWN_MODEL, error_response(
+                400, "the client disconnected", "invalid_request_error", "invalid_request"))
+        payload, model, problem = _parse(body)
         if model is None:
             return self._count(UNKNOWN_MODEL, error_response(
                 400, problem, "invalid_request_error", "invalid_request"))
@@ -367,20 +513,34 @@ class Router:
                 "server_error", "no_ready_endpoint",
                 headers={"Retry-After": RETRY_AFTER_NO_POD}))
 
-        query = request.scope.get("query_string", b"").decode("latin-1")
-        target = request.scope["path"] + (f"?{query}" if query else "")
-        dropped = NOT_FORWARDED_UP | _connection_tokens(request.headers.get("connection"))
-        headers = [(k, v) for k, v in request.headers.raw
-                   if k.decode("latin-1") not in dropped]
+        if session is not None:
+            key: bytes | None = b"s\x00" + session
+        elif self.config.affinity == "messages":
+            key = message_key(payload)
+        else:
+            key = None
+        query = scope.get("query_string", b"").decode("latin-1")
+        target = scope["path"] + (f"?{query}" if query else "")
+        dropped = NOT_FORWARDED_UP
+        if connection is not None:
+            dropped = dropped | _connection_tokens(connection.decode("latin-1"))
+        up_headers = [(name, v.decode("latin-1")) for k, v in headers
+                      if (name := k.decode("latin-1")) not in dropped]
+        versions = self.table.versions(model)
         tried: list[Endpoint] = []
         while len(tried) < 2:  # the chosen pod, then one other on a connect failure
-            endpoint = self.balancer.pick(model, endpoints, exclude=tried)
+            if not tried:
+                endpoint = self.balancer.pick(model, endpoints, key=key, versions=versions)
+            else:  # another pod, of the same version if it has one
+                endpoint = self.balancer.pick(model, endpoints, exclude=tried,
+                                              versions=versions,
+                                              prefer_version=versions.get(tried[0], ""))
             if endpoint is None:
                 break
             tried.append(endpoint)
             try:
-                response = await self._forward(model, endpoint, request.method, target,
-                                               headers, body)
+                response = await self._forward(model, endpoint, versions.get(endpoint, ""),
+                                               target, up_headers, body)
             except _ConnectFailed:
                 continue
             return self._count(model, response)
@@ -388,57 +548,60 @@ class Router:
             502, f"could not connect to any endpoint serving model '{model}' "
                  f"(tried {len(tried)})", "server_error", "upstream_unreachable"))
 
-    async def _forward(self, model: str, endpoint: Endpoint, method: str, target: str,
-                       headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
+    async def _forward(self, model: str, endpoint: Endpoint, version: str, target: str,
+                       headers: list[tuple[str, str]], body: bytes):
         """The answer of ``endpoint`` (or our error for its failure); raises
         :class:`_ConnectFailed` when it cannot be reached, i.e. nothing was sent."""
-        self.balancer.acquire(endpoint)
+        token = self.balancer.acquire(endpoint)
         relayed = False  # a streamed response releases the endpoint when it is done
         try:
-            client = self.pools.get(endpoint)
+            session = self.pools.get(endpoint).session
             started = time.monotonic()
             try:
-                upstream = await client.send(
-                    client.build_request(method, endpoint.url(target), headers=headers,
-                                         content=body),
-                    stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                upstream = await session.request("POST", endpoint.url(target),
+                                                 headers=headers, data=body,
+                                                 allow_redirects=False)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
                 self.metrics.upstream_connect_failures.labels(model).inc()
                 log.warning("model %s: cannot connect to %s (%s)", model, endpoint,
                             type(e).__name__)
                 raise _ConnectFailed() from e
-            except httpx.TimeoutException:
+            except TimeoutError:
                 log.warning("model %s: %s sent no response within %s s", model, endpoint,
                             self.config.upstream_timeout)
                 return error_response(
                     504, f"the endpoint serving model '{model}' did not answer in time",
                     "server_error", "upstream_timeout")
-            except httpx.HTTPError as e:
+            except aiohttp.ClientError as e:
                 log.warning("model %s: %s failed: %s", model, endpoint, type(e).__name__)
                 return error_response(
                     502, f"the endpoint serving model '{model}' failed to answer",
                     "server_error", "upstream_error")
-            self.metrics.upstream_latency.labels(model).observe(time.monotonic() - started)
+            metrics = self.metrics
+            metrics.labelled(metrics.upstream_latency, model).observe(time.monotonic() - started)
+            metrics.labelled(metrics.version_requests, model, version).inc()
             if not _buffered(upstream):
                 relayed = True
-                return _UpstreamResponse(upstream, endpoint,
-                                         on_done=lambda: self.balancer.release(endpoint))
-            try:  # raw: a compressed body stays compressed, as its headers say
-                content = b"".join([chunk async for chunk in upstream.aiter_raw()])
-            except httpx.HTTPError as e:
+                return _UpstreamResponse(
+                    upstream, endpoint,
+                    on_done=lambda: self.balancer.release(endpoint, token))
+            try:
+                content = await upstream.read()
+            except (TimeoutError, aiohttp.ClientError) as e:
+                upstream.close()
                 log.warning("model %s: %s broke off its response: %s", model, endpoint,
                             type(e).__name__)
                 return error_response(
                     502, f"the endpoint serving model '{model}' broke off its response",
                     "server_error", "upstream_error")
-            finally:
-                await upstream.aclose()
-            response = Response(content, status_code=upstream.status_code)
-            response.raw_headers = _response_headers(upstream)
-            return response
+            upstream.release()
+            return _Buffered(upstream.status, _response_headers(upstream), content)
         finally:
             if not relayed:
-                self.balancer.release(endpoint)
+                self.balancer.release(endpoint, token)
+
+    async def _wrong_method(self, request: Request) -> Response:
+        raise HTTPException(405, headers={"Allow": "POST"})
 
     async def list_models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
@@ -449,6 +612,7 @@ class Router:
         watch = self.watcher.health() if self.watcher else {"state": "starting",
                                                              "synced": False}
         body = {"status": "ok" if watch["synced"] else "starting", "watch": watch,
+                "routes": self.routes.health() if self.routes else None,
                 **self.table.counts()}
         return JSONResponse(body, status_code=200 if watch["synced"] else 503)
 
@@ -458,8 +622,8 @@ class Router:
 
     # ---- helpers -----------------------------------------------------------------------------
 
-    def _count(self, model: str, response: Response) -> Response:
-        self.metrics.requests.labels(model, str(response.status_code)).inc()
+    def _count(self, model: str, response):
+        self.metrics.labelled(self.metrics.requests, model, str(response.status_code)).inc()
         return response
 
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
@@ -468,5 +632,6 @@ class Router:
                               headers=dict(exc.headers or {}))
 
 
-def create_app(config: RouterConfig) -> Starlette:
-    return Router(config).app
+def create_app(config: RouterConfig) -> Router:
+    """The ASGI application."""
+    return Router(config)

@@ -35,6 +35,10 @@ DEFAULT_UPSTREAM_TIMEOUT = 300.0
 # router watches again from where it was (client-go picks 5 to 10 minutes).
 DEFAULT_WATCH_TIMEOUT = 300
 ENV_PREFIX = "AIRFLEET_ROUTER_"
+DEFAULT_SESSION_HEADER = "X-Session-ID"
+AFFINITY_MODES = ("messages", "off")
+DEFAULT_LOAD_FACTOR = 1.25
+DEFAULT_SCRAPE_INTERVAL = 2.0
 
 
 class ConfigError(ValueError):
@@ -91,6 +95,12 @@ class RouterConfig:
     watch_timeout: int = DEFAULT_WATCH_TIMEOUT
     log_level: str = "info"
     access_log: bool = False
+    # Sticky sessions: the header holding a session key; without it, "messages" keys a
+    # request by its first user messages, "off" leaves it unkeyed.
+    session_header: str = DEFAULT_SESSION_HEADER
+    affinity: str = "messages"
+    load_factor: float = DEFAULT_LOAD_FACTOR  # c of consistent hashing with bounded loads
+    scrape_interval: float = DEFAULT_SCRAPE_INTERVAL  # seconds between engine /metrics reads
 
     def api_verify(self) -> ssl.SSLContext | bool:
         """What httpx's ``verify=`` gets for the API client."""
@@ -145,7 +155,28 @@ def load(env: Mapping[str, str] | None = None, kubeconfig: str | None = None,
         watch_timeout=_number(env, "WATCH_TIMEOUT", DEFAULT_WATCH_TIMEOUT, int, 1, 3600),
         log_level=_log_level(env),
         access_log=_flag(env, "ACCESS_LOG", False),
+        session_header=_session_header(env),
+        affinity=_affinity(env),
+        load_factor=_number(env, "LOAD_FACTOR", DEFAULT_LOAD_FACTOR, float, 1.0, 100.0),
+        scrape_interval=_number(env, "SCRAPE_INTERVAL", DEFAULT_SCRAPE_INTERVAL, float,
+                                0.05, 3600.0),
     )
+
+
+def _session_header(env: Mapping[str, str]) -> str:
+    name = (env.get(ENV_PREFIX + "SESSION_HEADER") or DEFAULT_SESSION_HEADER).strip()
+    if not name or any(c in name for c in " \t:()<>@,;\\\"/[]?={}"):
+        raise ConfigError(f"{ENV_PREFIX}SESSION_HEADER must be an HTTP header name, "
+                          f"got {name!r}")
+    return name
+
+
+def _affinity(env: Mapping[str, str]) -> str:
+    mode = (env.get(ENV_PREFIX + "AFFINITY") or "messages").strip().lower()
+    if mode not in AFFINITY_MODES:
+        raise ConfigError(f"{ENV_PREFIX}AFFINITY must be one of {', '.join(AFFINITY_MODES)}, "
+                          f"got {mode!r}")
+    return mode
 
 
 def _ca_file(env: Mapping[str, str], kube: dict, in_cluster: dict) -> Path | None:

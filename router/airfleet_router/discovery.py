@@ -19,10 +19,12 @@ resourceVersion (newline-delimited JSON events), like client-go's reflector:
   exponential backoff while the router keeps routing on the last known table; ``state`` and
   ``last_error`` say so on ``/healthz``.
 
+The same reflector (:class:`Reflector`) also follows the ConfigMap of traffic weights (see
+:mod:`airfleet_router.routes`).
+
 The watch uses plain httpx rather than kubernetes_asyncio: we need exactly two GETs and a
-line-by-line JSON stream, httpx is already the router's HTTP client for the upstreams, and
-kubernetes_asyncio would add aiohttp and a large generated client to the image and to start-up
-time for no behaviour we use.
+line-by-line JSON stream per resource, and kubernetes_asyncio would add a large generated
+client to the image and to start-up time for no behaviour we use.
 """
 
 from __future__ import annotations
@@ -44,9 +46,14 @@ log = logging.getLogger(__name__)
 
 ENDPOINT_LABEL = "airfleet.io/endpoint"
 MODEL_LABEL = "airfleet.io/model"
+VERSION_LABEL = "airfleet.io/version"
+# The exact served model name ("org/model" holds a "/", which no label value may).
+SERVED_MODEL_ANNOTATION = "airfleet.io/served-model"
 PORT_ANNOTATION = "airfleet.io/port"
 PORT_NAME = "http"
+METRICS_PORT_NAME = "metrics"
 DEFAULT_PORT = 8000
+NO_VERSION = ""  # the version of a pod without the version label
 
 # The API server ends each watch after config.watch_timeout seconds and we watch again. Our
 # read timeout is longer, so a silently dead connection is noticed at the latest
@@ -82,13 +89,17 @@ class PodRoute:
     model: str | None
     endpoint: Endpoint | None
     reason: str = ""
+    version: str = NO_VERSION
+    metrics_port: int | None = None  # where its Prometheus /metrics is; None: not routable
 
 
 def pod_route(pod: dict[str, Any]) -> PodRoute:
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
     name = meta.get("name") or "?"
-    model = (meta.get("labels") or {}).get(MODEL_LABEL) or None
+    labels = meta.get("labels") or {}
+    served = ((meta.get("annotations") or {}).get(SERVED_MODEL_ANNOTATION) or "").strip()
+    model = served or labels.get(MODEL_LABEL) or None
     if model is None:
         return PodRoute(name, None, None, f"no {MODEL_LABEL} label")
     if meta.get("deletionTimestamp"):
@@ -102,7 +113,8 @@ def pod_route(pod: dict[str, Any]) -> PodRoute:
     if port is None:
         return PodRoute(name, model, None,
                         f"annotation {PORT_ANNOTATION} is not a port number")
-    return PodRoute(name, model, Endpoint(ip, port))
+    return PodRoute(name, model, Endpoint(ip, port), version=labels.get(VERSION_LABEL) or NO_VERSION,
+                    metrics_port=_named_port(pod, METRICS_PORT_NAME) or port)
 
 
 def _is_ready(status: dict[str, Any]) -> bool:
@@ -110,11 +122,18 @@ def _is_ready(status: dict[str, Any]) -> bool:
                for c in status.get("conditions") or [])
 
 
-def _port(pod: dict[str, Any]) -> int | None:
+def _named_port(pod: dict[str, Any], name: str) -> int | None:
     for container in (pod.get("spec") or {}).get("containers") or []:
         for port in container.get("ports") or []:
-            if port.get("name") == PORT_NAME and port.get("containerPort"):
+            if port.get("name") == name and port.get("containerPort"):
                 return int(port["containerPort"])
+    return None
+
+
+def _port(pod: dict[str, Any]) -> int | None:
+    named = _named_port(pod, PORT_NAME)
+    if named is not None:
+        return named
     raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(PORT_ANNOTATION)
     if raw is None:
         return DEFAULT_PORT
@@ -133,10 +152,20 @@ class RoutingTable:
     def __init__(self) -> None:
         self._pods: dict[str, PodRoute] = {}
         self._ready: dict[str, tuple[Endpoint, ...]] = {}
+        self._versions: dict[str, dict[Endpoint, str]] = {}
+        self._metrics_ports: dict[Endpoint, int] = {}
         self._known: frozenset[str] = frozenset()
 
     def ready(self, model: str) -> tuple[Endpoint, ...]:
         return self._ready.get(model, ())
+
+    def versions(self, model: str) -> dict[Endpoint, str]:
+        """The version of each ready endpoint of ``model`` (``""`` without the label)."""
+        return self._versions.get(model, {})
+
+    def scrape_targets(self) -> dict[Endpoint, int]:
+        """Every ready endpoint and the port of its Prometheus ``/metrics``."""
+        return self._metrics_ports
 
     def knows(self, model: str) -> bool:
         """A pod with this model exists, ready or not."""
@@ -187,15 +216,21 @@ class RoutingTable:
 
     def _rebuild(self) -> set[str]:
         ready: dict[str, set[Endpoint]] = {}
+        versions: dict[str, dict[Endpoint, str]] = {}
+        metrics_ports: dict[Endpoint, int] = {}
         for route in self._pods.values():
             if route.endpoint is not None:
                 ready.setdefault(route.model, set()).add(route.endpoint)
+                versions.setdefault(route.model, {})[route.endpoint] = route.version
+                metrics_ports[route.endpoint] = route.metrics_port or route.endpoint.port
         new = {model: tuple(sorted(eps)) for model, eps in ready.items()}
         known = frozenset(r.model for r in self._pods.values() if r.model)
         changed = {m for m in new.keys() | self._ready.keys()
-                   if new.get(m) != self._ready.get(m)}
+                   if new.get(m) != self._ready.get(m)
+                   or versions.get(m) != self._versions.get(m)}
         changed |= known ^ self._known
         self._ready, self._known = new, known
+        self._versions, self._metrics_ports = versions, metrics_ports
         return changed
 
     @staticmethod
@@ -203,7 +238,8 @@ class RoutingTable:
         was = old.endpoint if old else None
         now = new.endpoint if new else None
         if now is not None and now != was:
-            log.info("pod %s: model %s routable at %s", new.name, new.model, now)
+            log.info("pod %s: model %s version %s routable at %s", new.name, new.model,
+                     new.version or "-", now)
         elif now is None and was is not None:
             why = new.reason if new else "deleted"
             log.info("pod %s: model %s no longer routable (%s)", old.name, old.model, why)
@@ -238,21 +274,22 @@ class Backoff:
         self._next = self.initial
 
 
-class PodWatcher:
-    """List then watch endpoint pods of one namespace into a :class:`RoutingTable`.
+class Reflector:
+    """List then watch one resource of the namespace (client-go's reflector, see the module
+    docstring); subclasses say which objects (``selector``) and what to do with the full list
+    (:meth:`replace`) and with each event (:meth:`apply`).
 
-    ``on_change(models)`` is called (in the event loop) with the models whose ready endpoints
-    changed; ``on_restart(reason)`` each time the watch is restarted (``stream_end``,
+    ``on_restart(reason)`` is called each time the watch is restarted (``stream_end``,
     ``gone``, ``error``).
     """
 
-    def __init__(self, config: RouterConfig, table: RoutingTable, client: httpx.AsyncClient,
-                 on_change: Callable[[set[str]], None] = lambda models: None,
+    resource = ""  # plural, core API group
+    what = ""  # for logs: "pod", "routes"
+
+    def __init__(self, config: RouterConfig, client: httpx.AsyncClient,
                  on_restart: Callable[[str], None] = lambda reason: None) -> None:
         self.config = config
-        self.table = table
         self.client = client
-        self.on_change = on_change
         self.on_restart = on_restart
         self.state = "starting"
         self.synced = False
@@ -260,7 +297,16 @@ class PodWatcher:
         self.last_error: str | None = None
         self.resource_version: str | None = None
         self._backoff = Backoff()
-        self._path = f"/api/v1/namespaces/{config.namespace}/pods"
+        self._path = f"/api/v1/namespaces/{config.namespace}/{self.resource}"
+
+    def selector(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def replace(self, items: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def apply(self, event_type: str, obj: dict[str, Any]) -> None:
+        raise NotImplementedError
 
     def health(self) -> dict[str, Any]:
         return {"state": self.state, "synced": self.synced, "last_sync": self.last_sync,
@@ -285,8 +331,8 @@ class PodWatcher:
                 self.on_restart("gone")
             except (WatchError, httpx.HTTPError, ValueError) as e:
                 await self._restart("error", _describe(e))
-            except Exception as e:  # a pod or answer of a shape we did not expect
-                log.exception("pod watch: unexpected failure")
+            except Exception as e:  # an object or answer of a shape we did not expect
+                log.exception("%s watch: unexpected failure", self.what)
                 await self._restart("error", f"{type(e).__name__}: {e}")
 
     async def _restart(self, reason: str, error: str) -> None:
@@ -294,8 +340,8 @@ class PodWatcher:
         self.last_error = error
         self.on_restart(reason)
         delay = self._backoff.next()
-        log.warning("pod watch: %s; retrying in %.1f s (routing on the last known pods)",
-                    error, delay)
+        log.warning("%s watch: %s; retrying in %.1f s (routing on the last known %s)",
+                    self.what, error, delay, self.resource)
         await asyncio.sleep(delay)
 
     def _headers(self) -> dict[str, str]:
@@ -308,30 +354,29 @@ class PodWatcher:
         if response.status_code == 401:
             self.config.token.invalidate()
         if response.status_code >= 400:
-            raise WatchError(f"{verb} pods in {self.config.namespace}: HTTP "
+            raise WatchError(f"{verb} {self.resource} in {self.config.namespace}: HTTP "
                              f"{response.status_code} {_status_message(response)}")
 
     async def _list(self) -> None:
         self.state = "listing"
         response = await self.client.get(
-            self._path, params={"labelSelector": ENDPOINT_LABEL}, headers=self._headers(),
+            self._path, params=self.selector(), headers=self._headers(),
             timeout=httpx.Timeout(API_LIST_TIMEOUT, connect=API_CONNECT_TIMEOUT))
         self._check(response, "list")
         body = response.json()
-        changed = self.table.replace(body.get("items") or [])
-        self.resource_version = (body.get("metadata") or {}).get("resourceVersion")
-        if not self.resource_version:
-            raise WatchError("list pods: the answer has no metadata.resourceVersion")
-        if not self.synced:
-            log.info("pod watch synced: %s", self.table.counts())
+        rv = (body.get("metadata") or {}).get("resourceVersion")
+        if not rv:
+            raise WatchError(f"list {self.resource}: the answer has no "
+                             f"metadata.resourceVersion")
+        self.replace(body.get("items") or [])
+        self.resource_version = rv
         self.synced = True
         self.last_sync = time.time()
         self._backoff.reset()
-        self.on_change(changed)
 
     async def _watch(self) -> int:
         """One watch stream until the server ends it; returns the number of events."""
-        params = {"labelSelector": ENDPOINT_LABEL, "watch": "true",
+        params = {**self.selector(), "watch": "true",
                   "resourceVersion": self.resource_version, "allowWatchBookmarks": "true",
                   "timeoutSeconds": str(self.config.watch_timeout)}
         timeout = httpx.Timeout(self.config.watch_timeout + WATCH_READ_SLACK,
@@ -358,14 +403,12 @@ class PodWatcher:
         if kind == "ERROR":
             if obj.get("code") == 410:
                 raise ResourceVersionGone()
-            raise WatchError(f"watch pods: ERROR event {obj.get('code')} "
+            raise WatchError(f"watch {self.resource}: ERROR event {obj.get('code')} "
                              f"{obj.get('reason') or ''} {obj.get('message') or ''}".strip())
         if kind in ("ADDED", "MODIFIED", "DELETED"):
-            changed = self.table.apply(kind, obj)
-            if changed:
-                self.on_change(changed)
+            self.apply(kind, obj)
         elif kind != "BOOKMARK":
-            raise WatchError(f"watch pods: unknown event type {kind!r}")
+            raise WatchError(f"watch {self.resource}: unknown event type {kind!r}")
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         if rv:
             self.resource_version = rv
@@ -386,3 +429,36 @@ def _describe(e: Exception) -> str:
     if isinstance(e, json.JSONDecodeError):
         return f"malformed watch event ({e.msg})"
     return str(e)
+
+
+class PodWatcher(Reflector):
+    """List then watch endpoint pods of one namespace into a :class:`RoutingTable`.
+
+    ``on_change(models)`` is called (in the event loop) with the models whose ready endpoints
+    changed.
+    """
+
+    resource = "pods"
+    what = "pod"
+
+    def __init__(self, config: RouterConfig, table: RoutingTable, client: httpx.AsyncClient,
+                 on_change: Callable[[set[str]], None] = lambda models: None,
+                 on_restart: Callable[[str], None] = lambda reason: None) -> None:
+        super().__init__(config, client, on_restart)
+        self.table = table
+        self.on_change = on_change
+
+    def selector(self) -> dict[str, str]:
+        return {"labelSelector": ENDPOINT_LABEL}
+
+    def replace(self, items: list[dict[str, Any]]) -> None:
+        changed = self.table.replace(items)
+        if not self.synced:
+            log.info("pod watch synced: %s", self.table.counts())
+        self.synced = True  # before on_change, which reports it
+        self.on_change(changed)
+
+    def apply(self, event_type: str, obj: dict[str, Any]) -> None:
+        changed = self.table.apply(event_type, obj)
+        if changed:
+            self.on_change(changed)
