@@ -42,6 +42,7 @@ from airfleet.resources import (
     Phase,
     Strict,
     _at,
+    param_schemas,
 )
 
 # A version names a Deployment / Serve application suffix and a pod label value.
@@ -356,6 +357,22 @@ def rebalanced(weights: Mapping[str, int], version: str, weight: int) -> dict[st
     for v in sorted(shares, key=lambda v: (out[v] - shares[v], v))[:rest - sum(out.values())]:
         out[v] += 1
     return {**out, version: weight}
+
+
+def endpoint_param_schemas(conf_model: type[Strict]) -> dict[str, dict[str, Any]]:
+    """:func:`airfleet.resources.param_schemas` of an endpoint flow's conf; the endpoint's
+    form field is titled and its help shows a working example to paste."""
+    import json
+
+    out = param_schemas(conf_model)
+    if "endpoint" in out:
+        out["endpoint"]["title"] = "Endpoint"
+        out["endpoint"]["description_md"] = (
+            "One version of an endpoint: the engine, the model, replicas and GPUs, and the "
+            "share of the endpoint's traffic this version takes (its other versions share the "
+            "rest). Start from this example (a mock engine on the README's first cluster):"
+            f"\n\n```json\n{json.dumps(example_endpoint(), indent=2)}\n```")
+    return out
 
 
 def example_endpoint() -> dict[str, Any]:

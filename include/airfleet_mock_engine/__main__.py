@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", nargs="+", metavar="NAME", default=None,
                    help='the names clients send as "model" (default: --model)')
     p.add_argument("--engine-id", default=None,
-                   help="told in X-Airfleet-Engine and system_fingerprint (default: host name)")
+                   help="told in X-Airfleet-Engine and system_fingerprint "
+                        "(default: $HOSTNAME, else the host name)")
     p.add_argument("--token-latency-ms", type=_milliseconds, default=0.0,
                    help="sleep before each token after the first (default: 0, no sleep)")
     p.add_argument("--first-token-latency-ms", type=_milliseconds, default=0.0,

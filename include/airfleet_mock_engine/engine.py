@@ -66,7 +66,10 @@ class EngineConfig:
         if not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"served_model_names: non-empty names are required, not {names!r}")
         object.__setattr__(self, "served_model_names", names)
-        object.__setattr__(self, "engine_id", self.engine_id or socket.gethostname())
+        # In a pod both name the pod; $HOSTNAME first, as a shell would (and as tests' pods,
+        # processes of one host, are told apart).
+        object.__setattr__(self, "engine_id", self.engine_id or os.environ.get("HOSTNAME")
+                           or socket.gethostname())
         for name in ("token_latency_ms", "first_token_latency_ms"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:

@@ -26,7 +26,7 @@ def on_dag_run_failed(dag_run, msg: str) -> None:
 
 
 def _note(dag_run) -> None:
-    if not dag_run.dag_id.startswith("airfleet_cluster_"):
+    if not dag_run.dag_id.startswith("airfleet_"):
         return
     # Imported here: the plugin loads in every Airflow process, task workers included.
     from airflow.models.dagrun import DagRun

@@ -229,6 +229,55 @@ class ClusterProbeTrigger(LeaseKeepingTrigger):
             await asyncio.sleep(min(self.poll_interval, max(0.0, self.deadline - time.time())))
 
 
+class EndpointProbeTrigger(LeaseKeepingTrigger):
+    """Looks at one endpoint version every ``poll_interval`` seconds until its engines are
+    ready, Kubernetes gave up on them, or the deadline passes; yields ``{"done": bool,
+    "message": str}``. Each look builds the cluster's clients afresh, in a thread.
+
+    :param lease: the flow's lease (on the endpoint's cluster).
+    :param name: the endpoint.
+    :param version: the version being deployed.
+    :param deadline: epoch seconds when the wait ends, ready or not.
+    :param poll_interval: seconds between looks.
+    """
+
+    def __init__(self, lease: dict[str, Any], name: str, version: str, deadline: float,
+                 poll_interval: float = 5.0):
+        super().__init__(lease)
+        self.name = name
+        self.version = version
+        self.deadline = deadline
+        self.poll_interval = poll_interval
+
+    def _wait_kwargs(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "deadline": self.deadline,
+                "poll_interval": self.poll_interval}
+
+    def _look(self) -> tuple[bool, str]:
+        from airfleet import endpoint_flows, flows
+        from airfleet.store import Store
+        from airfleet_airflow.clients import clients_for
+
+        store = Store()
+        try:
+            seen = endpoint_flows.look(store, flows.LeaseRef.from_dict(self.lease), self.name,
+                                       self.version, clients_for)
+        finally:
+            store.dispose()
+        return seen.healthy or seen.failed, seen.message
+
+    async def wait(self) -> AsyncIterator[TriggerEvent]:
+        while True:
+            try:
+                done, message = await asyncio.to_thread(self._look)
+            except Exception as exc:  # noqa: BLE001 - looked at again until the deadline
+                done, message = False, f"could not look: {exc}"
+            if done or time.time() >= self.deadline:
+                yield TriggerEvent({"done": done, "message": message})
+                return
+            await asyncio.sleep(min(self.poll_interval, max(0.0, self.deadline - time.time())))
+
+
 class _CloudWaitTrigger(LeaseKeepingTrigger):
     """A wait on a backend's :class:`airfleet.backends.Wait` (as a dict: kind, what, args;
     no secret in it), polling every ``poll_interval`` seconds."""

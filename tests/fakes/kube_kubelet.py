@@ -116,10 +116,17 @@ def repository(image: str) -> str:
 
 def python_module_runner(module: str, *, host_flag: str = "--host",
                          cwd: str | None = None, pythonpath: str | None = None) -> Runner:
-    """A runner for `python -m <module> <container args>` with `<host_flag> <pod IP>` forced
-    (any host the args give is dropped), in this interpreter."""
+    """A runner for an image whose entrypoint is `python -m <module>`: the container's args
+    follow it; a `command` replaces the entrypoint, as in a real pod, and must then be that
+    same `python -m <module>` (the image holds nothing else). `<host_flag> <pod IP>` is
+    forced (any host given is dropped); it runs in this interpreter."""
     def run(container: dict, pod_ip: str) -> Process:
-        args, kept, skip = list(container.get("args") or []), [], False
+        command = list(container.get("command") or [])
+        if command and (len(command) < 3 or command[1:3] != ["-m", module]
+                        or not command[0].startswith("python")):
+            raise ValueError(f"container {container.get('name')!r}: command {command} does "
+                             f"not run python -m {module}, the only program of this image")
+        args, kept, skip = command[3:] + list(container.get("args") or []), [], False
         for arg in args:
             if skip:
                 skip = False

@@ -349,6 +349,12 @@ def test_runner_helpers():
     process = run({"args": ["--host", "0.0.0.0", "--port", "8000", "--host=::"]}, "127.9.0.2")
     assert list(process.argv) == [sys.executable, "-m", "airfleet_mock_engine", "--port",
                                   "8000", "--host", "127.9.0.2"]
+    # A command replaces the image's entrypoint (as the endpoint Deployments write it).
+    process = run({"command": ["python", "-m", "airfleet_mock_engine", "--model", "m"],
+                   "args": ["--port", "8000"]}, "127.9.0.3")
+    assert list(process.argv)[3:] == ["--model", "m", "--port", "8000", "--host", "127.9.0.3"]
+    with pytest.raises(ValueError, match="does not run python -m airfleet_mock_engine"):
+        run({"name": "engine", "command": ["vllm", "serve", "m"]}, "127.9.0.4")
 
 
 def test_scaling_down_stops_a_process(server, apps, ns, tmp_path):

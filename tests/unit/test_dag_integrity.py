@@ -14,13 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from airfleet.endpoints import ENDPOINT_CONF, endpoint_param_schemas
 from airfleet.resources import FLOW_CONF, param_schemas
 
 ROOT = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted((ROOT / "dags").glob("*.py"))
 EXPECTED = {"airfleet_cluster_create": "create", "airfleet_cluster_update": "update",
             "airfleet_cluster_delete": "delete", "airfleet_cluster_onboard": "onboard",
-            "airfleet_cluster_health_check": "health_check"}
+            "airfleet_cluster_health_check": "health_check",
+            "airfleet_endpoint_deploy": "endpoint_deploy",
+            "airfleet_endpoint_scale": "endpoint_scale",
+            "airfleet_endpoint_delete": "endpoint_delete"}
 HEAVY = ["airfleet.store", "airfleet.vault", "airfleet.crypto", "airfleet.flows",
          "airfleet.backends", "cryptography.hazmat.primitives.ciphers.aead"]
 
@@ -60,7 +64,7 @@ def parsed(request) -> tuple[Path, dict]:
     return request.param, parse(request.param)
 
 
-def test_the_five_flows_are_there():
+def test_the_flows_are_there():
     assert sorted(p.stem for p in DAG_FILES) == sorted(EXPECTED)
 
 
@@ -77,7 +81,10 @@ def test_imports_with_one_dag_tags_docs_and_no_heavy_imports(parsed):
 
 def test_params_are_generated_from_the_models(parsed):
     path, result = parsed
-    expected = json.loads(json.dumps(param_schemas(FLOW_CONF[EXPECTED[path.stem]])))
+    flow = EXPECTED[path.stem]
+    schemas = param_schemas(FLOW_CONF[flow]) if flow in FLOW_CONF else \
+        endpoint_param_schemas(ENDPOINT_CONF[flow])
+    expected = json.loads(json.dumps(schemas))
     params = result["dags"][path.stem]["params"]
     for schema in [*expected.values(), *params.values()]:  # Param keeps these beside the schema
         schema.pop("description", None)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from airfleet.endpoints import EndpointVersion
 from airfleet.errors import AirfleetError, BackendUnavailable
 from airfleet.resources import Cluster, ClusterSpec, Condition, NodeStatus
 
@@ -43,6 +44,18 @@ class Observation:
     nodes: list[NodeStatus] = field(default_factory=list)
     accelerators: dict[str, Any] = field(default_factory=dict)
     conditions: list[Condition] = field(default_factory=list)
+
+
+@dataclass
+class EndpointObservation:
+    """What a backend saw of one endpoint version's engines."""
+
+    healthy: bool  # every desired replica ready on the version's latest spec
+    message: str = ""
+    ready_replicas: int = 0
+    replicas: int = 0
+    failed: bool = False  # the platform gave up on it (waiting longer is pointless)
+    url: str | None = None  # where clients reach the endpoint's model
 
 
 @dataclass(frozen=True)
@@ -184,6 +197,33 @@ class Backend:
         """Read-only: whether what :meth:`teardown` started is gone (healthy), else what is
         still there (the message)."""
         return Observation(True)
+
+    # ---- endpoints (airfleet.endpoints): one version's engines on the cluster --------------
+
+    def deploy_endpoint(self, cluster: Cluster, endpoint: EndpointVersion,
+                        versions: list[EndpointVersion], ctx: BackendContext) -> None:
+        """Create or update the engines of ``endpoint`` (one version) and route traffic by the
+        weights of ``versions`` (every recorded endpoint version on the cluster, this one
+        included); returns without waiting (:meth:`endpoint_ready` looks)."""
+        raise self._unsupported("deploy endpoints")
+
+    def endpoint_ready(self, cluster: Cluster, endpoint: EndpointVersion,
+                       ctx: BackendContext) -> EndpointObservation:
+        """Read-only: whether every replica of the version runs its latest spec and is ready."""
+        raise self._unsupported("look at endpoints")
+
+    def endpoint_ready_timeout(self, cluster: Cluster) -> float:
+        """How long a deploy may wait in all for a version's engines to be ready (default:
+        :meth:`ready_timeout`)."""
+        return self.ready_timeout(cluster)
+
+    def delete_endpoint(self, cluster: Cluster, endpoints: list[EndpointVersion],
+                        remaining: list[EndpointVersion], ctx: BackendContext) -> list[str]:
+        """Remove the engines of ``endpoints`` and route only to ``remaining`` (every other
+        endpoint version on the cluster);
+        return what could not be removed, each item naming its version (empty: verified
+        gone). "Already gone" is done."""
+        raise self._unsupported("delete endpoints")
 
     def _unsupported(self, verb: str) -> NotSupported:
         return NotSupported(f"the {self.cluster_type} backend cannot {verb}")

@@ -19,10 +19,11 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from airfleet.accelerators import cluster_totals, from_node_labels
-from airfleet.backends import Backend, BackendContext, Observation, Wait
+from airfleet.backends import Backend, BackendContext, EndpointObservation, Observation, Wait
 from airfleet.backends.kubernetes import access
 from airfleet.backends.kubernetes import manifests as m
 from airfleet.backends.kubernetes.kube import Kube, KubeError
+from airfleet.endpoints import EndpointVersion
 from airfleet.errors import AirfleetError, InvalidRequest
 from airfleet.resources import Cluster, ClusterSpec, Condition, NodeStatus, Provider
 
@@ -132,7 +133,93 @@ def _node_status(node: dict[str, Any]) -> NodeStatus:
         capacity=status.get("capacity") or {}, allocatable=status.get("allocatable") or {})
 
 
-class KubernetesBackend(Backend):
+# How long a delete waits for an endpoint version's pods to be gone (graceful termination:
+# 30 s by default) before it reports them as left behind.
+ENDPOINT_GONE_SECONDS = 120
+
+
+class _Endpoints:
+    """The endpoint verbs of :class:`KubernetesBackend`: one Deployment per version, the
+    router's weights in the ``airfleet-routes`` ConfigMap (manifests.py)."""
+
+    def deploy_endpoint(self, cluster: Cluster, endpoint: EndpointVersion,
+                        versions: list[EndpointVersion], ctx: BackendContext) -> None:
+        kube, ns = self._kube(ctx), m.namespace_of(cluster.name)
+        registry = ctx.clients.get("registry") or {}
+        deployment = m.endpoint_deployment(cluster, endpoint,
+                                           [m.PULL_SECRET] if registry.get("password") else [])
+        routes = m.routes(cluster, versions)
+        lacking = access.missing(kube, ns, access.required([deployment, routes], ()))
+        if lacking:
+            raise MissingPermissions(
+                f"the kubeconfig's identity lacks {len(lacking)} permission(s) an endpoint "
+                "needs: " + "; ".join(lacking) + ". Grant them and deploy again; nothing "
+                "was changed")
+        _refuse_foreign(kube.get("Deployment", deployment["metadata"]["name"], ns), endpoint)
+        for obj in (deployment, routes):
+            outcome = kube.ensure(obj)
+            ctx.log.info("endpoint %s %s: %s %s/%s %s", endpoint.name, endpoint.spec.version,
+                         obj["kind"], ns, outcome.name, outcome.action)
+
+    def endpoint_ready(self, cluster: Cluster, endpoint: EndpointVersion,
+                       ctx: BackendContext) -> EndpointObservation:
+        """Ready as ``kubectl rollout status`` judges the version's Deployment."""
+        kube, ns = self._kube(ctx), m.namespace_of(cluster.name)
+        name = m.endpoint_deployment_name(endpoint)
+        url = f"http://{m.ROUTER}.{ns}.svc/v1"
+        live = kube.get("Deployment", name, ns)
+        if live is None:
+            return EndpointObservation(False, f"Deployment {ns}/{name} is missing", url=url)
+        seen = rollout(live)
+        status = live.get("status") or {}
+        ready, wanted = status.get("readyReplicas") or 0, live["spec"].get("replicas", 1)
+        message = (f"{ready}/{wanted} replicas ready; model {endpoint.spec.model.served} "
+                   f"at {url} (weight {endpoint.spec.traffic_weight})") if seen.done             else seen.message
+        return EndpointObservation(seen.done, message, ready, wanted, seen.failed, url)
+
+    def delete_endpoint(self, cluster: Cluster, endpoints: list[EndpointVersion],
+                        remaining: list[EndpointVersion], ctx: BackendContext) -> list[str]:
+        """Route away first (the router stops sending to the versions), then delete their
+        Deployments and wait until their pods are gone."""
+        kube, ns = self._kube(ctx), m.namespace_of(cluster.name)
+        kube.ensure(m.routes(cluster, remaining))
+        left = []
+        for endpoint in endpoints:
+            name = m.endpoint_deployment_name(endpoint)
+            live = kube.get("Deployment", name, ns)
+            if live is not None:
+                try:
+                    _refuse_foreign(live, endpoint)
+                except KubeError as exc:
+                    left.append(f"{endpoint.spec.version}: {exc}")
+                    continue
+                kube.delete("Deployment", name, ns)
+            selector = (f"{m.ENDPOINT_LABEL}={endpoint.name},"
+                        f"{m.VERSION_LABEL}={endpoint.spec.version}")
+            pods = kube.watch_until("Pod", ns, lambda items: not items, ENDPOINT_GONE_SECONDS,
+                                    label_selector=selector)
+            if pods:
+                left.append(f"{endpoint.spec.version}: {len(pods)} pod(s) of Deployment "
+                            f"{ns}/{name} still there after {ENDPOINT_GONE_SECONDS}s: "
+                            + ", ".join(p["metadata"]["name"] for p in pods))
+            else:
+                ctx.log.info("endpoint %s %s: Deployment %s/%s and its pods are gone",
+                             endpoint.name, endpoint.spec.version, ns, name)
+        return left
+
+
+def _refuse_foreign(live: dict[str, Any] | None, endpoint: EndpointVersion) -> None:
+    """A Deployment of that name that is not this endpoint's is left alone."""
+    if live is None:
+        return
+    labels = live["metadata"].get("labels") or {}
+    if labels.get(m.ENDPOINT_LABEL) != endpoint.name or \
+            labels.get(m.MANAGED_BY) != m.MANAGED_BY_VALUE:
+        raise KubeError(f"Deployment {live['metadata']['name']} exists and is not endpoint "
+                        f"{endpoint.name}'s; rename the endpoint or remove that Deployment")
+
+
+class KubernetesBackend(_Endpoints, Backend):
     cluster_type = "kubernetes"
     clients = ("kubernetes", "registry", "cloud")
 
@@ -316,12 +403,15 @@ class KubernetesBackend(Backend):
 
     @staticmethod
     def _stale(kube: Kube, cluster: Cluster, desired: list[dict]) -> list[tuple[str, str]]:
-        """Objects of ours in the namespace that the spec no longer asks for."""
+        """Objects of ours in the namespace that the spec no longer asks for (the endpoints'
+        are the endpoint flows' business)."""
         wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
         ns = m.namespace_of(cluster.name)
         return [(kind, item["metadata"]["name"]) for kind in CLEANUP_KINDS
                 for item in kube.list(kind, ns, label_selector=m.selector(cluster.name))["items"]
-                if (kind, item["metadata"]["name"]) not in wanted]
+                if (kind, item["metadata"]["name"]) not in wanted
+                and (item["metadata"].get("labels") or {}).get(m.COMPONENT_LABEL)
+                not in m.ENDPOINT_COMPONENTS]
 
     # ---- readiness and health ---------------------------------------------------------------
 

@@ -15,8 +15,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from typing import Any
 
+from airfleet import engines
+from airfleet.endpoints import EndpointSpec, EndpointVersion, model_matches
 from airfleet.resources import Cluster, KubernetesConfig, ModelCache
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -121,12 +124,19 @@ def pull_secret(cluster: Cluster, ns: str, registry: dict[str, str]) -> dict[str
 
 
 def pod_reader(cluster: Cluster, ns: str) -> list[dict[str, Any]]:
-    """The router and vmagent read the namespace's pods (list + watch), nothing else."""
+    """The router and vmagent read the namespace's pods (list + watch); the router also reads
+    its traffic weights, the ConfigMap airfleet-routes (router/README.md)."""
     rbac = "rbac.authorization.k8s.io/v1"
     return [
         _meta(cluster, ns, "v1", "ServiceAccount", POD_READER, "rbac"),
         _meta(cluster, ns, rbac, "Role", POD_READER, "rbac",
               rules=[{"apiGroups": [""], "resources": ["pods", "endpoints", "services"],
+                      "verbs": ["get", "list", "watch"]},
+                     # Kubernetes authorizes a list or watch against resourceNames only when
+                     # it carries fieldSelector=metadata.name=<that name> (which the router
+                     # sends), and not every authorizer in between does so: the namespace
+                     # holds Airfleet's objects only, so reading its ConfigMaps is granted.
+                     {"apiGroups": [""], "resources": ["configmaps"],
                       "verbs": ["get", "list", "watch"]}]),
         _meta(cluster, ns, rbac, "RoleBinding", POD_READER, "rbac",
               roleRef={"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
@@ -290,3 +300,136 @@ def immutable_changes(before: list[dict[str, Any]], after: list[dict[str, Any]],
                 storage_bytes(_field(obj, PVC_STORAGE)) < storage_bytes(_field(was, PVC_STORAGE)):
             changes.append((obj, PVC_STORAGE, _field(was, PVC_STORAGE), _field(obj, PVC_STORAGE)))
     return changes
+
+
+# ---- endpoints -------------------------------------------------------------------------------
+# One Deployment per endpoint version, in the cluster's namespace. The router (router/README.md)
+# finds its pods by ENDPOINT_LABEL, routes by the served model (SERVED_ANNOTATION; labels
+# cannot hold "/"), splits traffic between versions by the weights in the ROUTES ConfigMap, and
+# scrapes the engine's own /metrics on the port named "metrics", as vmagent does.
+
+VERSION_LABEL = "airfleet.io/version"
+SERVED_ANNOTATION = "airfleet.io/served-model"
+PORT_ANNOTATION = "airfleet.io/port"
+ROUTES = "airfleet-routes"
+# Components the endpoint flows own: a cluster update never sweeps them.
+ENDPOINT_COMPONENTS = frozenset({"endpoint", "routes"})
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+# The image each engine runs from unless the spec names one (the mock engine's is built from
+# deploy/mock-engine.Dockerfile).
+ENGINE_IMAGES = {"vllm": "vllm/vllm-openai:v0.11.0", "sglang": "lmsysorg/sglang:v0.5.4",
+                 "mock": "airfleet/mock-engine:0.1.0"}
+
+
+def endpoint_deployment_name(endpoint: EndpointVersion) -> str:
+    """``<endpoint>-<version>``: at most 40 + 1 + 20 characters, a DNS-1123 label."""
+    return f"{endpoint.name}-{endpoint.spec.version}"
+
+
+def label_value(text: str) -> str:
+    """``text`` as a label value: at most 63 of [A-Za-z0-9._-], alphanumeric at both ends."""
+    value = re.sub(r"[^A-Za-z0-9._-]+", "-", text)[:63]
+    return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", value)
+
+
+def endpoint_deployment(cluster: Cluster, endpoint: EndpointVersion,
+                        pull_secrets: list[str]) -> dict[str, Any]:
+    """The Deployment of one endpoint version: the engine's command from the spec, GPUs as
+    ``nvidia.com/gpu`` limits on nodes whose detected GPUs match, the model cache mounted,
+    probes on the engine's ``/health``."""
+    spec, name = endpoint.spec, endpoint_deployment_name(endpoint)
+    ns = namespace_of(cluster.name)
+    cache = next((c for c in cluster.spec.model_caches if c.name == spec.model.cache), None)
+    mount = (cache.mount_path or f"/models/{cache.name}") if cache else None
+    container: dict[str, Any] = {
+        "name": "engine", "image": spec.image or ENGINE_IMAGES[spec.engine.value],
+        "command": engines.command(spec, cache_dir=mount),
+        "ports": [{"name": "metrics", "containerPort": engines.PORT, "protocol": "TCP"}],
+        # Ready when the engine answers /health (the model is loaded). Loading a large model
+        # takes minutes: the startup probe gives it up to 30 before liveness takes over.
+        "startupProbe": {"httpGet": {"path": engines.HEALTH_PATH, "port": "metrics"},
+                         "periodSeconds": 10, "failureThreshold": 180},
+        "readinessProbe": {"httpGet": {"path": engines.HEALTH_PATH, "port": "metrics"},
+                           "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": engines.HEALTH_PATH, "port": "metrics"},
+                          "periodSeconds": 10, "failureThreshold": 6},
+        "resources": _endpoint_resources(spec)}
+    volumes = []
+    if cache:
+        volumes.append(cache_volume(cache))
+        container["volumeMounts"] = [{"name": cache.name, "mountPath": mount}]
+    if spec.resources.gpu > 1:  # tensor parallel workers share memory through /dev/shm
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        container.setdefault("volumeMounts", []).append({"name": "dshm",
+                                                         "mountPath": "/dev/shm"})
+    match = {ENDPOINT_LABEL: endpoint.name, VERSION_LABEL: spec.version,
+             CLUSTER_LABEL: cluster.name}
+    pod_spec: dict[str, Any] = {"containers": [container], "automountServiceAccountToken": False,
+                                **_gpu_placement(cluster, spec)}
+    if volumes:
+        pod_spec["volumes"] = volumes
+    if pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s} for s in pull_secrets]
+    deployment = _meta(cluster, ns, "apps/v1", "Deployment", name, "endpoint", spec={
+        "replicas": spec.replicas,
+        "progressDeadlineSeconds": kube_config(cluster).ready_timeout_seconds,
+        "selector": {"matchLabels": match},
+        "template": {"metadata": {
+            "labels": {**labels(cluster, "endpoint"), **match,
+                       MODEL_LABEL: label_value(spec.model.served)},
+            "annotations": {SERVED_ANNOTATION: spec.model.served,
+                            PORT_ANNOTATION: str(engines.PORT)}},
+            "spec": pod_spec}})
+    deployment["metadata"]["labels"].update(match)
+    return deployment
+
+
+def _endpoint_resources(spec: EndpointSpec) -> dict[str, Any]:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if spec.resources.cpu:
+        requests["cpu"] = spec.resources.cpu
+    if spec.resources.memory:
+        requests["memory"] = limits["memory"] = spec.resources.memory
+    if spec.resources.gpu:  # an extended resource: limits only (requests default to them)
+        limits[GPU_RESOURCE] = str(spec.resources.gpu)
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def _gpu_placement(cluster: Cluster, spec: EndpointSpec) -> dict[str, Any]:
+    """Node selection for a GPU endpoint: nodes with NVIDIA GPUs, of the asked model (by the
+    GPU feature discovery product label Airfleet recorded for the nodes), tolerating the
+    taints of the cluster's GPU node pools."""
+    if not spec.resources.gpu:
+        return {}
+    out: dict[str, Any] = {"nodeSelector": {GPU_PRESENT_LABEL: "true"}}
+    if spec.resources.gpu_model:
+        products = sorted({n.labels[GPU_PRODUCT_LABEL] for n in cluster.status.nodes
+                           if GPU_PRODUCT_LABEL in n.labels and
+                           model_matches(spec.resources.gpu_model,
+                                                   n.labels[GPU_PRODUCT_LABEL])})
+        if products:
+            out["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": GPU_PRODUCT_LABEL, "operator": "In", "values": products}]}]}}}
+    tolerations = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    block = cluster.spec.config.eks or cluster.spec.config.aks
+    for pool in (block.node_pools if block else []):
+        if pool.gpu:
+            tolerations += [{"key": t.key, "operator": "Equal", "value": t.value,
+                             "effect": t.effect} for t in pool.taints]
+    out["tolerations"] = [t for i, t in enumerate(tolerations) if t not in tolerations[:i]]
+    return out
+
+
+def routes(cluster: Cluster, versions: list[EndpointVersion]) -> dict[str, Any]:
+    """The router's traffic weights: ``{"models": {served model: {version: weight}}}`` for
+    every endpoint version of the cluster (router/README.md)."""
+    models: dict[str, dict[str, int]] = {}
+    for v in versions:
+        models.setdefault(v.spec.model.served, {})[v.spec.version] = v.spec.traffic_weight
+    return _meta(cluster, namespace_of(cluster.name), "v1", "ConfigMap", ROUTES, "routes",
+                 data={"routes.json": json.dumps({"models": models}, indent=2,
+                                                 sort_keys=True)})
