@@ -1,4 +1,5 @@
-"""The fleet as people read it: one summary per cluster, a detail page, filters.
+"""The fleet as people read it: one summary per cluster, a detail page, filters; the same for
+the endpoints the clusters serve (one item per endpoint, its versions inside).
 
 What the plugin API returns (and the fleet view shows). Credentials appear as references only:
 a sealed envelope in a spec is shown as ``"<sealed>"``, never its text.
@@ -6,16 +7,17 @@ a sealed envelope in a spec is shown as ``"<sealed>"``, never its text.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
+from airfleet.endpoints import EndpointPhase
 from airfleet.errors import InvalidRequest
 from airfleet.policy.plan import redact_sealed
 from airfleet.resources import ClusterType, Phase, Provider
-from airfleet.store import ClusterRecord, Event, Lease, now
+from airfleet.store import ClusterRecord, EndpointEvent, EndpointRecord, Event, Lease, now
 
 HEALTH_DAG = "airfleet_cluster_health_check"
 
@@ -53,8 +55,10 @@ def matches(record: ClusterRecord, filters: dict[str, Any]) -> bool:
     ])
 
 
-def summary(record: ClusterRecord, lease: Lease | None = None) -> dict[str, Any]:
-    """One line of the fleet: phase, nodes ready of desired, GPUs by model, health age."""
+def summary(record: ClusterRecord, lease: Lease | None = None,
+            endpoint_count: int = 0) -> dict[str, Any]:
+    """One line of the fleet: phase, nodes ready of desired, GPUs by model, health age, and how
+    many endpoints it serves (``endpoint_count``: see :func:`endpoint_counts`)."""
     status, spec = record.cluster.status, record.cluster.spec
     checked = status.health_checked_at
     return {
@@ -73,6 +77,7 @@ def summary(record: ClusterRecord, lease: Lease | None = None) -> dict[str, Any]
         "held_by": lease.holder if lease is not None and lease.held else None,
         "generation": record.generation, "observed_generation": record.observed_generation,
         "left_behind": list(status.left_behind),
+        "endpoint_count": endpoint_count,
     }
 
 
@@ -90,10 +95,14 @@ def visible(records: Sequence[ClusterRecord]) -> list[ClusterRecord]:
                   key=lambda r: r.name)
 
 
-def detail(record: ClusterRecord, lease: Lease | None = None) -> dict[str, Any]:
-    """The cluster page: the summary plus its spec, nodes, accelerators and conditions."""
+def detail(record: ClusterRecord, lease: Lease | None = None,
+           endpoint_records: Iterable[EndpointRecord] = ()) -> dict[str, Any]:
+    """The cluster page: the summary plus its spec, nodes, accelerators and conditions, and the
+    endpoints it serves (``endpoint_records``: the live versions on it, as
+    :func:`endpoint_items` shapes them)."""
     status = record.cluster.status.model_dump(mode="json")
-    return {**summary(record, lease), "uid": record.uid,
+    served = endpoint_items(r for r in endpoint_records if r.cluster == record.name)
+    return {**summary(record, lease, len(served)), "endpoints": served, "uid": record.uid,
             "created_at": _iso(record.created_at), "updated_at": _iso(record.updated_at),
             "dashboard": dashboard_access(record),
             "spec": redact_sealed(record.cluster.spec.model_dump(mode="json")),
@@ -113,7 +122,7 @@ def dashboard_access(record: ClusterRecord) -> dict[str, str] | None:
             "url": f"http://127.0.0.1:{port}"}
 
 
-def event(e: Event) -> dict[str, Any]:
+def event(e: Event | EndpointEvent) -> dict[str, Any]:
     return {**asdict(e), "at": _iso(e.at), "run": run_link(e.run_id)}
 
 
@@ -143,6 +152,96 @@ def _ready(phase: str) -> bool:
 
 def _iso(at: datetime | None) -> str | None:
     return at.isoformat() if at else None
+
+
+# ---- endpoints ------------------------------------------------------------------------------
+
+def parse_endpoint_filters(cluster: str | None = None, phase: str | None = None,
+                           name: str | None = None) -> dict[str, Any]:
+    """Query parameters of the endpoint list -> filters; a bad one raises InvalidRequest naming
+    it, as :func:`parse_filters` does."""
+    filters: dict[str, Any] = {"cluster": cluster or None, "name": name or None}
+    if phase is not None:
+        try:
+            filters["phase"] = EndpointPhase(phase)
+        except ValueError:
+            raise InvalidRequest(f"phase: {phase!r} is not one of "
+                                 f"{', '.join(e.value for e in EndpointPhase)}") from None
+    return filters
+
+
+def endpoint_matches(versions: Sequence[EndpointRecord], filters: dict[str, Any]) -> bool:
+    """Whether an endpoint (its live versions, all on one cluster) passes ``filters``: the
+    cluster exactly, the name as a substring, the phase of any one of its versions."""
+    first = versions[0]
+    return all([
+        filters.get("cluster") in (None, first.cluster),
+        not filters.get("name") or filters["name"] in first.name,
+        filters.get("phase") is None or any(v.phase == filters["phase"] for v in versions),
+    ])
+
+
+def group_endpoints(records: Iterable[EndpointRecord]) -> list[list[EndpointRecord]]:
+    """Endpoint versions -> one list per endpoint (by name), versions oldest first."""
+    by_name: dict[str, list[EndpointRecord]] = {}
+    for r in records:
+        by_name.setdefault(r.name, []).append(r)
+    return [sorted(by_name[n], key=lambda r: (r.created_at, r.version)) for n in sorted(by_name)]
+
+
+def endpoint_items(records: Iterable[EndpointRecord],
+                   filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The endpoint list: one :func:`endpoint_summary` per endpoint that passes ``filters``."""
+    return [endpoint_summary(versions) for versions in group_endpoints(records)
+            if endpoint_matches(versions, filters or {})]
+
+
+def endpoint_counts(records: Iterable[EndpointRecord]) -> dict[str, int]:
+    """Cluster name -> how many endpoints (not versions) it serves."""
+    names: dict[str, set[str]] = {}
+    for r in records:
+        names.setdefault(r.cluster, set()).add(r.name)
+    return {cluster: len(served) for cluster, served in names.items()}
+
+
+def endpoint_summary(versions: Sequence[EndpointRecord]) -> dict[str, Any]:
+    """One endpoint (its live versions, oldest first): where it runs, what it serves, and per
+    version its phase, replicas ready of desired, share of traffic and the last run. The model
+    and engine are the newest version's (a canary may try another model: each version names
+    its own)."""
+    newest = versions[-1].endpoint
+    return {
+        "name": newest.name, "labels": dict(newest.metadata.labels),
+        "cluster": newest.spec.cluster,
+        "model": {"name": newest.spec.model.name, "served_name": newest.spec.model.served},
+        "engine": newest.spec.engine.value,
+        "versions": [_endpoint_version(r) for r in versions],
+    }
+
+
+def endpoint_detail(versions: Sequence[EndpointRecord]) -> dict[str, Any]:
+    """The endpoint page: the summary, the weights by version, and each version's spec and
+    status as recorded."""
+    out = endpoint_summary(versions)
+    for item, r in zip(out["versions"], versions, strict=True):
+        item.update({
+            "uid": r.uid, "generation": r.generation,
+            "observed_generation": r.observed_generation,
+            "created_at": _iso(r.created_at), "updated_at": _iso(r.updated_at),
+            "spec": redact_sealed(r.endpoint.spec.model_dump(mode="json")),
+            "status": r.endpoint.status.model_dump(mode="json")})
+    return {**out, "weights": {r.version: r.endpoint.spec.traffic_weight for r in versions}}
+
+
+def _endpoint_version(record: EndpointRecord) -> dict[str, Any]:
+    spec, status = record.endpoint.spec, record.endpoint.status
+    return {
+        "version": spec.version, "phase": status.phase.value, "model": spec.model.name,
+        "ready_replicas": status.ready_replicas, "replicas": spec.replicas,
+        "traffic_weight": spec.traffic_weight, "url": status.url, "message": status.message,
+        "observed_at": _iso(status.observed_at),
+        "last_run_id": status.last_run_id, "last_run": run_link(status.last_run_id),
+    }
 
 
 NOTE_LIMIT = 1000  # Airflow's dag_run_note.content

@@ -4,7 +4,8 @@ Behind Airflow's own authentication: the token ``POST /auth/token`` gives (``Aut
 Bearer``), or the UI's session cookie. Rights come from Airflow's auth manager, so Airflow's
 roles decide:
 
-- read (clusters, history, bindings, the audit trail, the public key): whoever may read DAGs;
+- read (clusters, endpoints, history, bindings, the audit trail, the public key): whoever may
+  read DAGs;
 - upload a sealed credential: whoever may trigger DAG runs (it is what a flow's conf needs);
 - change policy bindings: whoever may edit Airflow's configuration (Op and Admin in the simple
   auth manager).
@@ -38,9 +39,10 @@ STATIC = Path(__file__).parent / "static"
 
 app = FastAPI(
     title="Airfleet API", version="1", docs_url="/api/v1/docs", openapi_url="/api/v1/openapi.json",
-    description="The fleet of inference clusters Airfleet manages: inventory, history, "
-                "governance bindings and sealed credentials. Authenticate as for Airflow's "
-                "REST API (`POST /auth/token`, then `Authorization: Bearer <token>`).")
+    description="The fleet of inference clusters Airfleet manages: inventory, the endpoints "
+                "they serve, history, governance bindings and sealed credentials. Authenticate "
+                "as for Airflow's REST API (`POST /auth/token`, then `Authorization: Bearer "
+                "<token>`).")
 
 
 # ---- authentication and rights (Airflow's auth manager decides) ---------------------------
@@ -114,16 +116,18 @@ def list_clusters(phase: str | None = None, type: str | None = None,  # noqa: A0
                                   name=name)
     store = _store()
     leases = {lease.name: lease for lease in store.leases()}
-    rows = [fleet.summary(r, leases.get(r.name))
+    served = fleet.endpoint_counts(store.list_endpoints())
+    rows = [fleet.summary(r, leases.get(r.name), served.get(r.name, 0))
             for r in fleet.visible(store.list_clusters(include_deleted=True))
             if fleet.matches(r, filters)]
     return {"clusters": rows, "total": len(rows)}
 
 
 @app.get("/api/v1/clusters/{name}", dependencies=[Reader],
-         summary="A cluster: spec, status, nodes, accelerators, conditions")
+         summary="A cluster: spec, status, nodes, accelerators, conditions, endpoints")
 def get_cluster(name: str) -> dict[str, Any]:
-    return fleet.detail(_record(name), _store().get_lease(name))
+    record, store = _record(name), _store()
+    return fleet.detail(record, store.get_lease(name), store.list_endpoints(cluster=name))
 
 
 @app.get("/api/v1/clusters/{name}/events", dependencies=[Reader],
@@ -132,6 +136,44 @@ def cluster_events(name: str, limit: Annotated[int, Query(ge=1, le=10000)] = 100
                    ) -> dict[str, Any]:
     _record(name)
     events = _store().events(name)[-limit:]
+    return {"events": [fleet.event(e) for e in events], "total": len(events)}
+
+
+# ---- endpoints ------------------------------------------------------------------------------
+
+def _endpoint_versions(name: str):
+    """The live versions of endpoint ``name``, oldest first; none: 404 naming it."""
+    versions = _store().endpoint_versions(name)
+    if not versions:
+        raise NotFound(f"endpoint {name!r} is not deployed (GET /airfleet/api/v1/endpoints "
+                       "lists the endpoints)")
+    return versions
+
+
+@app.get("/api/v1/endpoints", dependencies=[Reader],
+         summary="The endpoints the fleet serves, filtered")
+def list_endpoints(cluster: str | None = None, phase: str | None = None,
+                   name: str | None = None) -> dict[str, Any]:
+    """``cluster``: exactly; ``name``: a substring; ``phase``: any one of its versions."""
+    filters = fleet.parse_endpoint_filters(cluster=cluster, phase=phase, name=name)
+    rows = fleet.endpoint_items(_store().list_endpoints(), filters)
+    return {"endpoints": rows, "total": len(rows)}
+
+
+@app.get("/api/v1/endpoints/{name}", dependencies=[Reader],
+         summary="An endpoint: every version's spec, status and traffic weight")
+def get_endpoint(name: str) -> dict[str, Any]:
+    return fleet.endpoint_detail(_endpoint_versions(name))
+
+
+@app.get("/api/v1/endpoints/{name}/events", dependencies=[Reader],
+         summary="An endpoint's history (every version), oldest first")
+def endpoint_events(name: str, limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+                    ) -> dict[str, Any]:
+    events = _store().endpoint_events(name)
+    if not events:  # a deleted endpoint keeps its history; one never deployed has none
+        _endpoint_versions(name)
+    events = events[-limit:]
     return {"events": [fleet.event(e) for e in events], "total": len(events)}
 
 

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from airfleet import crypto
+from airfleet.endpoints import EndpointPhase, EndpointRequest, EndpointStatus
 from airfleet.resources import ClusterRequest, ClusterStatus, Phase
 from airfleet.store import Store
 
@@ -80,7 +81,9 @@ def _running(store: Store, name: str, **kw) -> None:
 
 
 ENDPOINTS = [("get", f"{API}/clusters"), ("get", f"{API}/clusters/llm-a"),
-             ("get", f"{API}/clusters/llm-a/events"), ("get", f"{API}/policies/bindings"),
+             ("get", f"{API}/clusters/llm-a/events"), ("get", f"{API}/endpoints"),
+             ("get", f"{API}/endpoints/chat"), ("get", f"{API}/endpoints/chat/events"),
+             ("get", f"{API}/policies/bindings"),
              ("put", f"{API}/policies/bindings"), ("get", f"{API}/policies/audit"),
              ("post", f"{API}/credentials"), ("get", f"{API}/keys/public")]
 
@@ -183,6 +186,181 @@ def test_an_unknown_cluster_is_404(api):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "limit"]
 
 
+# ---- endpoints ----------------------------------------------------------------------------
+
+DEPLOY = "airfleet_endpoint_deploy/manual__{}"
+
+
+def _deploy(store: Store, name: str, version: str, cluster: str, run: str, *,
+            model: str = "Qwen/Qwen2.5-0.5B-Instruct", replicas: int = 1, weight: int = 100,
+            shift: dict[str, int] | None = None, **status) -> None:
+    """What a deploy flow writes, under the cluster's lease: the version's spec, the weights
+    it shifts from the others, Deploying, then ``status`` (a phase and what was seen)."""
+    lease = store.acquire_lease(cluster, run)
+    store.put_endpoint(EndpointRequest.model_validate({
+        "metadata": {"name": name, "labels": {"team": "search"}},
+        "spec": {"cluster": cluster, "engine": "mock", "replicas": replicas,
+                 "model": {"name": model, "served_name": name},
+                 "version": version, "traffic_weight": weight}}),
+        run_id=run, token=lease.token)
+    for other, to in (shift or {}).items():
+        store.set_endpoint_spec(name, other, {"traffic_weight": to}, reason="TrafficShifted",
+                                message=f"weight -> {to}", run_id=run, token=lease.token)
+    store.set_endpoint_status(name, version, EndpointStatus(phase=EndpointPhase.DEPLOYING,
+                                                            replicas=replicas),
+                              reason="Deploying", run_id=run, token=lease.token)
+    if status.get("phase", EndpointPhase.DEPLOYING) is not EndpointPhase.DEPLOYING:
+        store.set_endpoint_status(name, version, EndpointStatus(replicas=replicas, **status),
+                                  reason="Deployed", run_id=run, token=lease.token)
+    assert store.release_lease(cluster, run, lease.token)
+
+
+@pytest.fixture
+def served(api):
+    """llm-a serves chat: v1 Running 2/2 at 90 %, a canary v2 (another model) Deploying at
+    10 %; llm-b serves embed, Failed; llm-c serves nothing."""
+    for name in ("llm-a", "llm-b", "llm-c"):
+        _running(api.store, name)
+    _deploy(api.store, "chat", "v1", "llm-a", DEPLOY.format(3), replicas=2,
+            phase=EndpointPhase.RUNNING, ready_replicas=2, url="http://10.0.0.1:8000/v1",
+            message="2 of 2 replicas ready")
+    _deploy(api.store, "chat", "v2", "llm-a", DEPLOY.format(4), weight=10, shift={"v1": 90},
+            model="Qwen/Qwen2.5-1.5B-Instruct")
+    _deploy(api.store, "embed", "v1", "llm-b", DEPLOY.format(5), phase=EndpointPhase.FAILED,
+            message="engine exited with 1")
+    return api
+
+
+def _run(n: int) -> dict[str, str]:
+    return {"dag_id": "airfleet_endpoint_deploy", "run_id": f"manual__{n}",
+            "url": f"/dags/airfleet_endpoint_deploy/runs/manual__{n}"}
+
+
+CHAT = {
+    "name": "chat", "labels": {"team": "search"}, "cluster": "llm-a",
+    "model": {"name": "Qwen/Qwen2.5-1.5B-Instruct", "served_name": "chat"}, "engine": "mock",
+}
+
+
+def test_the_endpoint_list_shows_each_versions_phase_replicas_weight_and_run(served):
+    r = served.get(f"{API}/endpoints", headers=_auth(served, "viewer"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["total"] == 2 and [e["name"] for e in body["endpoints"]] == ["chat", "embed"]
+    chat = body["endpoints"][0]
+    assert {k: chat[k] for k in CHAT} == CHAT
+    fields = ("version", "model", "phase", "ready_replicas", "replicas", "traffic_weight", "url",
+              "message", "last_run_id", "last_run")
+    assert [{k: v[k] for k in fields} for v in chat["versions"]] == [
+        {"version": "v1", "model": "Qwen/Qwen2.5-0.5B-Instruct", "phase": "Running",
+         "ready_replicas": 2, "replicas": 2, "traffic_weight": 90,
+         "url": "http://10.0.0.1:8000/v1", "message": "2 of 2 replicas ready",
+         "last_run_id": DEPLOY.format(3), "last_run": _run(3)},
+        {"version": "v2", "model": "Qwen/Qwen2.5-1.5B-Instruct", "phase": "Deploying",
+         "ready_replicas": 0, "replicas": 1, "traffic_weight": 10, "url": None, "message": "",
+         "last_run_id": DEPLOY.format(4), "last_run": _run(4)}]
+    embed = body["endpoints"][1]
+    assert (embed["cluster"], [(v["phase"], v["message"]) for v in embed["versions"]]) == \
+        ("llm-b", [("Failed", "engine exited with 1")])
+
+
+def test_the_endpoint_list_filters_by_cluster_phase_and_name(served):
+    viewer = _auth(served, "viewer")
+
+    def names(**params):
+        r = served.get(f"{API}/endpoints", headers=viewer, params=params)
+        assert r.status_code == 200, r.text
+        assert r.json()["total"] == len(r.json()["endpoints"])
+        return [e["name"] for e in r.json()["endpoints"]]
+
+    assert names(cluster="llm-b") == ["embed"]
+    assert names(cluster="llm-c") == [] and names(cluster="nope") == []
+    assert names(phase="Failed") == ["embed"]
+    assert names(phase="Deploying") == ["chat"]  # any one of its versions
+    assert names(phase="Running", cluster="llm-a") == ["chat"]
+    assert names(phase="Pending") == []
+    assert names(name="emb") == ["embed"] and names(name="") == ["chat", "embed"]
+
+
+def test_a_malformed_endpoint_filter_is_400_naming_it(served):
+    r = served.get(f"{API}/endpoints", headers=_auth(served, "viewer"),
+                   params={"phase": "Sleeping"})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == ("phase: 'Sleeping' is not one of Pending, Deploying, Running, "
+                                  "Failed, Deleted")
+
+
+def test_an_endpoint_page_has_every_versions_spec_status_and_weight(served):
+    r = served.get(f"{API}/endpoints/chat", headers=_auth(served, "viewer"))
+    assert r.status_code == 200, r.text
+    chat = r.json()
+    assert {k: chat[k] for k in CHAT} == CHAT
+    assert chat["weights"] == {"v1": 90, "v2": 10}
+    v1, v2 = chat["versions"]
+    assert (v1["version"], v1["spec"]["replicas"], v1["spec"]["traffic_weight"]) == ("v1", 2, 90)
+    assert v1["spec"]["model"]["name"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert v1["generation"] == 2  # the canary's weight shift changed its spec
+    assert v1["status"]["phase"] == "Running" and v1["status"]["ready_replicas"] == 2
+    assert v1["status"]["url"] == "http://10.0.0.1:8000/v1"
+    assert (v2["spec"]["model"]["name"], v2["status"]["phase"], v2["generation"]) == (
+        "Qwen/Qwen2.5-1.5B-Instruct", "Deploying", 1)
+
+
+def test_an_endpoints_history_names_each_version_and_its_run(served):
+    r = served.get(f"{API}/endpoints/chat/events", headers=_auth(served, "viewer"))
+    assert r.status_code == 200, r.text
+    events = r.json()["events"]
+    assert r.json()["total"] == len(events)
+    assert [(e["version"], e["reason"], e["from_phase"], e["to_phase"]) for e in events] == [
+        ("v1", "Registered", None, "Pending"), ("v1", "Deploying", "Pending", "Deploying"),
+        ("v1", "Deployed", "Deploying", "Running"), ("v2", "Registered", None, "Pending"),
+        ("v1", "TrafficShifted", None, None), ("v2", "Deploying", "Pending", "Deploying")]
+    assert [e["run"] for e in events[-3:]] == [_run(4)] * 3
+    assert all(e["cluster"] == "llm-a" for e in events)
+    last = served.get(f"{API}/endpoints/chat/events", headers=_auth(served, "viewer"),
+                      params={"limit": 1}).json()["events"]
+    assert [e["reason"] for e in last] == ["Deploying"]
+
+
+def test_a_deleted_endpoint_leaves_the_list_and_keeps_its_history(served):
+    served.store.set_endpoint_status("embed", "v1", EndpointStatus(phase=EndpointPhase.DELETED),
+                                     reason="Deleted", run_id="airfleet_endpoint_delete/m__6")
+    viewer = _auth(served, "viewer")
+    assert [e["name"] for e in served.get(f"{API}/endpoints", headers=viewer).json()[
+        "endpoints"]] == ["chat"]
+    r = served.get(f"{API}/endpoints/embed", headers=viewer)
+    assert r.status_code == 404 and r.json()["detail"].startswith("endpoint 'embed' is not")
+    events = served.get(f"{API}/endpoints/embed/events", headers=viewer).json()["events"]
+    assert (events[-1]["to_phase"], events[-1]["run"]["dag_id"]) == (
+        "Deleted", "airfleet_endpoint_delete")
+    assert served.get(f"{API}/clusters/llm-b", headers=viewer).json()["endpoints"] == []
+
+
+def test_an_unknown_endpoint_is_404_naming_it(served):
+    viewer = _auth(served, "viewer")
+    for path in (f"{API}/endpoints/nope", f"{API}/endpoints/nope/events"):
+        r = served.get(path, headers=viewer)
+        assert r.status_code == 404, r.text
+        assert r.json()["detail"] == ("endpoint 'nope' is not deployed (GET "
+                                      "/airfleet/api/v1/endpoints lists the endpoints)")
+
+
+def test_a_cluster_shows_the_endpoints_it_serves(served):
+    viewer = _auth(served, "viewer")
+    listed = served.get(f"{API}/endpoints", headers=viewer).json()["endpoints"]
+    fleet = served.get(f"{API}/clusters", headers=viewer).json()["clusters"]
+    # chat has two versions: one endpoint.
+    assert {c["name"]: c["endpoint_count"] for c in fleet} == {"llm-a": 1, "llm-b": 1,
+                                                                "llm-c": 0}
+    a = served.get(f"{API}/clusters/llm-a", headers=viewer).json()
+    assert a["endpoint_count"] == 1 and a["endpoints"] == [listed[0]]
+    assert a["endpoints"][0]["versions"][1]["last_run"] == _run(4)
+    assert [e["name"] for e in served.get(f"{API}/clusters/llm-b",
+                                          headers=viewer).json()["endpoints"]] == ["embed"]
+    c = served.get(f"{API}/clusters/llm-c", headers=viewer).json()
+    assert (c["endpoint_count"], c["endpoints"]) == (0, [])
+
+
 def test_bindings_are_read_by_viewers_and_written_by_admins_only(api):
     _running(api.store, "llm-a")
     body = {"bindings": {"add_node": [{"policy": "max_nodes", "params": {"max_nodes": 8}}]}}
@@ -262,7 +440,8 @@ def test_an_oversized_upload_is_413(api):
 
 def test_the_api_is_openapi_documented_and_the_view_is_served(api):
     spec = api.get("/airfleet/api/v1/openapi.json").json()
-    assert {f"{API}/clusters", f"{API}/clusters/{{name}}", f"{API}/credentials"} <= {
-        f"/airfleet{p}" for p in spec["paths"]}
+    assert {f"{API}/clusters", f"{API}/clusters/{{name}}", f"{API}/credentials",
+            f"{API}/endpoints", f"{API}/endpoints/{{name}}",
+            f"{API}/endpoints/{{name}}/events"} <= {f"/airfleet{p}" for p in spec["paths"]}
     page = api.get("/airfleet/ui/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
