@@ -89,7 +89,7 @@ def _validate_deploy(parsed: DeployConf, store: Store) -> dict[str, Any]:
     others = [r.endpoint for r in store.list_endpoints(cluster=spec.cluster)
               if (r.name, r.version) != (name, spec.version)]
     check_placement(spec, cluster.cluster if cluster else None, others)
-    get_backend(cluster.cluster.spec.type)
+    get_backend(cluster.cluster.spec.type).validate_endpoint(cluster.cluster, spec)
     weights = rebalanced({v: r.endpoint.spec.traffic_weight for v, r in existing.items()},
                          spec.version, spec.traffic_weight)
     versions = {v: _with(r.endpoint, traffic_weight=weights[v]) for v, r in existing.items()}

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from airfleet.endpoints import EndpointVersion
+from airfleet.endpoints import EndpointSpec, EndpointVersion
 from airfleet.errors import AirfleetError, BackendUnavailable
 from airfleet.resources import Cluster, ClusterSpec, Condition, NodeStatus
 
@@ -206,6 +206,10 @@ class Backend:
         weights of ``versions`` (every recorded endpoint version on the cluster, this one
         included); returns without waiting (:meth:`endpoint_ready` looks)."""
         raise self._unsupported("deploy endpoints")
+
+    def validate_endpoint(self, cluster: Cluster, spec: EndpointSpec) -> None:
+        """Refuse, before anything changes, an endpoint this backend cannot run; raise
+        InvalidRequest naming the field (no I/O)."""
 
     def endpoint_ready(self, cluster: Cluster, endpoint: EndpointVersion,
                        ctx: BackendContext) -> EndpointObservation:

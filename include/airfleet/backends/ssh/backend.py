@@ -12,6 +12,9 @@ adopted, never restarted).
 The dashboard answers on the head's loopback only: each verb reaches it through an SSH
 forward over the head's command connection, as its clients say (``clients["dashboard"]``; see
 :mod:`.dashboard` and :mod:`.tunnel`).
+
+Endpoints are Ray Serve applications, one per version, deployed through the same tunnel with
+Serve's declarative REST API (:class:`_Serve`; the config and its choices: :mod:`.serve`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from typing import Any
 import httpx
 
 from airfleet.accelerators import cluster_totals, detect, probe_command
-from airfleet.backends import Backend, BackendContext, Observation
-from airfleet.backends.ssh import commands, dashboard
+from airfleet.backends import Backend, BackendContext, EndpointObservation, Observation
+from airfleet.backends.ssh import commands, dashboard, serve
 from airfleet.backends.ssh.remote import CommandResult, Remote, RemoteCommandError, run_sync
+from airfleet.endpoints import EndpointSpec, EndpointVersion, Engine
 from airfleet.errors import InvalidRequest
 from airfleet.resources import Cluster, ClusterSpec, NodeStatus, SSHConfig
 
@@ -39,6 +43,9 @@ PULL_TIMEOUT = 1800
 STOP_GRACE_SECONDS = 10
 PROBE_REACH_TIMEOUT = 5
 LEFTOVER_SETTLE_SECONDS = 10
+# A deploy's wait for its engines, in all: a vLLM replica's first start downloads the weights.
+ENDPOINT_READY_SECONDS = 900
+ENDPOINT_GONE_SECONDS = 60  # Serve stops a deleted application's replicas gracefully (20 s)
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,11 @@ class SSHBackend(Backend):
     cluster_type = "ssh"
     clients = ("ssh", "registry", "dashboard")
 
+    def validate_endpoint(self, cluster: Cluster, spec: EndpointSpec) -> None:
+        why = serve.unsupported_engine(spec)
+        if why:
+            raise InvalidRequest(f"endpoint.spec.engine: {why}")
+
     def validate_update(self, recorded: Cluster, desired: ClusterSpec) -> None:
         before, after = recorded.spec.config.ssh.head, desired.config.ssh.head
         if before != after:
@@ -116,6 +128,129 @@ class SSHBackend(Backend):
 
     def teardown(self, cluster: Cluster, ctx: BackendContext, *, force: bool = False) -> list[str]:
         return run_sync(_Run(cluster, ctx).teardown())  # force: the flow records what is left
+
+    # ---- endpoints: Ray Serve applications ------------------------------------------------
+
+    def deploy_endpoint(self, cluster: Cluster, endpoint: EndpointVersion,
+                        versions: list[EndpointVersion], ctx: BackendContext) -> None:
+        run_sync(_Serve(cluster, ctx).deploy(endpoint, versions))
+
+    def endpoint_ready(self, cluster: Cluster, endpoint: EndpointVersion,
+                       ctx: BackendContext) -> EndpointObservation:
+        return run_sync(_Serve(cluster, ctx).ready(endpoint))
+
+    def endpoint_ready_timeout(self, cluster: Cluster) -> float:
+        return float(ENDPOINT_READY_SECONDS)
+
+    def delete_endpoint(self, cluster: Cluster, endpoints: list[EndpointVersion],
+                        remaining: list[EndpointVersion], ctx: BackendContext) -> list[str]:
+        return run_sync(_Serve(cluster, ctx).delete(endpoints))
+
+
+class _Serve:
+    """The endpoint verbs on one cluster: its Serve applications, through the head's
+    dashboard (one SSH tunnel per verb). Every change reads the applications first and PUTs
+    the whole set back with only this run's versions changed (:func:`.serve.deploy_config`);
+    the cluster's lease keeps Airfleet's own flows from racing each other there."""
+
+    def __init__(self, cluster: Cluster, ctx: BackendContext):
+        self.cluster, self.ctx = cluster, ctx
+
+    def log(self, endpoint: EndpointVersion, msg: str, *args: Any) -> None:
+        self.ctx.log.info("endpoint %s %s on cluster %s: " + msg, endpoint.name,
+                          endpoint.spec.version, self.cluster.name, *args)
+
+    def _dashboard(self):
+        return head_dashboard(self.cluster, self.ctx.clients)
+
+    async def deploy(self, endpoint: EndpointVersion, versions: list[EndpointVersion]) -> None:
+        """Create or update the version's application; a live one already on this spec is
+        left as it is (a failed one is deployed again: Serve retries it)."""
+        serve.application(self.cluster, endpoint)  # an engine Serve cannot run: refused now
+        split = {v.spec.version: v.spec.traffic_weight for v in versions
+                 if v.name == endpoint.name}
+        if len(split) > 1:
+            self.log(endpoint, "traffic weights %s are applied by the Kubernetes router only; "
+                     "on static nodes each version has its own URL", split)
+        async with self._dashboard() as dash:
+            current = await dash.serve_applications()
+            py_modules = []
+            if endpoint.spec.engine is Engine.MOCK:
+                package = serve.mock_engine_package()
+                if await dash.package_exists(package.http_path):
+                    self.log(endpoint, "package %s already in the cluster", package.uri)
+                else:
+                    await dash.upload_package(package.http_path, package.data)
+                    self.log(endpoint, "package %s uploaded (%d bytes)", package.uri,
+                             len(package.data))
+                py_modules.append(package.uri)
+            app = serve.application(self.cluster, endpoint, py_modules=py_modules)
+            live = serve.live_application(current, app["name"])
+            serve.refuse_foreign(live, self.cluster.name, endpoint)
+            if live is not None and live.get("deployed_app_config") == app and \
+                    live.get("status") not in serve.FAILED_APP:
+                self.log(endpoint, "Serve application %s already runs this spec (%s): "
+                         "unchanged", app["name"], live.get("status"))
+                return
+            await dash.put_serve_applications(serve.deploy_config(current, put=[app]))
+            self.log(endpoint, "Serve application %s %s: %d replica(s), route %s, via %s",
+                     app["name"], "updated" if live else "created", endpoint.spec.replicas,
+                     app["route_prefix"], dash.where)
+
+    async def ready(self, endpoint: EndpointVersion) -> EndpointObservation:
+        """Read-only: the version's readiness as Serve reports it (:func:`.serve.observe`); a
+        dashboard that cannot be reached is "not ready" with the reason, not an error."""
+        py_modules = [serve.mock_engine_package().uri] if endpoint.spec.engine is Engine.MOCK \
+            else []
+        desired = serve.application(self.cluster, endpoint, py_modules=py_modules)
+        try:
+            async with self._dashboard() as dash:
+                current = await dash.serve_applications()
+        except (httpx.HTTPError, RemoteCommandError, dashboard.NoDashboardAccess,
+                dashboard.ServeRefused) as exc:
+            return EndpointObservation(
+                False, f"cannot ask Ray Serve on head {self.cluster.spec.config.ssh.head}: "
+                f"{exc}", 0, endpoint.spec.replicas)
+        return serve.observe(current, self.cluster, endpoint, desired)
+
+    async def delete(self, endpoints: list[EndpointVersion]) -> list[str]:
+        """Remove the versions' applications (one PUT without them), then wait until Serve
+        no longer lists them. Already gone is done; an application of that name that is not
+        ours is left alone and reported. Returns what is left, each item naming its
+        version."""
+        left: dict[str, str] = {}
+        async with self._dashboard() as dash:
+            current = await dash.serve_applications()
+            doomed = {}
+            for endpoint in endpoints:
+                name = serve.app_name(endpoint)
+                live = (current.get("applications") or {}).get(name)
+                if live is None:
+                    self.log(endpoint, "Serve application %s already gone", name)
+                elif not serve.is_ours(live.get("deployed_app_config"), self.cluster.name,
+                                       endpoint):
+                    left[name] = (f"{endpoint.spec.version}: Serve application {name} is not "
+                                  f"endpoint {endpoint.name}'s; left alone")
+                else:
+                    doomed[name] = endpoint
+            if any(serve.live_application(current, name) for name in doomed):
+                await dash.put_serve_applications(serve.deploy_config(current,
+                                                                      remove=doomed))
+            deadline = time.monotonic() + ENDPOINT_GONE_SECONDS
+            while doomed:
+                apps = (await dash.serve_applications()).get("applications") or {}
+                for name in [n for n in doomed if n not in apps]:
+                    self.log(doomed.pop(name), "Serve application %s is gone", name)
+                if not doomed or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(1)
+            for name, endpoint in doomed.items():
+                status = apps[name].get("status")
+                left[name] = (f"{endpoint.spec.version}: Serve application {name} still "
+                              f"{status} after {ENDPOINT_GONE_SECONDS} s")
+        for item in left.values():
+            self.ctx.log.warning("cluster %s: left behind: %s", self.cluster.name, item)
+        return list(left.values())
 
 
 class _Run:

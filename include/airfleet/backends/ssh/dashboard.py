@@ -1,4 +1,5 @@
-"""Ray's dashboard over HTTP: is the head's GCS healthy, which nodes are ALIVE.
+"""Ray's dashboard over HTTP: is the head's GCS healthy, which nodes are ALIVE; Ray Serve's
+REST API (the applications) and the package API (``py_modules`` uploads) for endpoints.
 
 The head's dashboard listens on the head's loopback only (``commands.DASHBOARD_HOST``): its
 Jobs API runs any code it is sent, to anyone who reaches it. Airfleet reaches it through an
@@ -13,6 +14,7 @@ head, an HTTP probe answers (or fails) in a few seconds.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ssl
 from collections.abc import Callable
@@ -27,6 +29,18 @@ if TYPE_CHECKING:
     from airfleet.backends.ssh.remote import Remote
 
 PROBE_TIMEOUT = 5.0
+SERVE_APPLICATIONS = "/api/serve/applications/"
+SERVE_TIMEOUT = 30.0  # GET of every Serve application's status
+# The first PUT starts Serve's controller and proxies before it answers (a few seconds here).
+SERVE_PUT_TIMEOUT = 120.0
+PACKAGE_TIMEOUT = 120.0
+TRANSIENT_STATUS = (502, 503, 504)  # the dashboard (or Serve's controller) not ready yet
+ATTEMPTS = 3
+
+
+class ServeRefused(AirfleetError):
+    """The dashboard refused a Serve config or a package (a 4xx, or an upload it cannot
+    store): sending the same request again cannot help."""
 
 
 class NoDashboardAccess(AirfleetError):
@@ -86,6 +100,70 @@ class DashboardAccess:
         r = await client.get("/api/v0/nodes", params={"limit": 10000}, timeout=timeout)
         r.raise_for_status()
         return parse_nodes(r.json())
+
+    # ---- Ray Serve (endpoints) ---------------------------------------------------------
+
+    async def _request(self, method: str, path: str, *, timeout: float,
+                       **kwargs: Any) -> httpx.Response:
+        """One request, again (up to :data:`ATTEMPTS`) on a dropped connection or a
+        502/503/504: every request here is idempotent (a Serve PUT is declarative)."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                r = await (await self._client()).request(method, path, timeout=timeout,
+                                                         **kwargs)
+            except httpx.TransportError:
+                if attempt == ATTEMPTS:
+                    raise
+            else:
+                if r.status_code not in TRANSIENT_STATUS or attempt == ATTEMPTS:
+                    return r
+            await asyncio.sleep(attempt)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _check(r: httpx.Response, what: str) -> None:
+        """4xx: :class:`ServeRefused` with the dashboard's words; 5xx: ``httpx.HTTPStatusError``
+        (transient to the caller), its body in the message."""
+        if r.is_success:
+            return
+        text = r.text.strip()
+        if 400 <= r.status_code < 500:
+            raise ServeRefused(f"{what}: the Ray dashboard answered {r.status_code}: {text[:2000]}")
+        raise httpx.HTTPStatusError(f"{what}: the Ray dashboard answered {r.status_code}: "
+                                    f"{text[-2000:]}", request=r.request, response=r)
+
+    async def serve_applications(self, timeout: float = SERVE_TIMEOUT) -> dict[str, Any]:
+        """``GET /api/serve/applications/``: Serve's HTTP options, proxies and every
+        application with its recorded config, status and deployments (Ray's
+        ``ServeInstanceDetails``; no application and no proxy when Serve does not run)."""
+        r = await self._request("GET", SERVE_APPLICATIONS, timeout=timeout)
+        self._check(r, f"GET {SERVE_APPLICATIONS}")
+        return r.json()
+
+    async def put_serve_applications(self, config: dict[str, Any],
+                                     timeout: float = SERVE_PUT_TIMEOUT) -> None:
+        """``PUT /api/serve/applications/``: ``config`` (Ray's ``ServeDeploySchema``) becomes
+        the whole set of applications; Serve starts when it does not run yet."""
+        r = await self._request("PUT", SERVE_APPLICATIONS, json=config, timeout=timeout)
+        self._check(r, f"PUT {SERVE_APPLICATIONS}")
+
+    async def package_exists(self, http_path: str, timeout: float = PROBE_TIMEOUT) -> bool:
+        """``GET /api/packages/<protocol>/<name>``: whether the cluster's GCS holds the
+        package (the dashboard also pins it for a few minutes, so it is not collected before
+        the config that uses it is deployed)."""
+        r = await self._request("GET", http_path, timeout=timeout)
+        if r.status_code == 404:
+            return False
+        self._check(r, f"GET {http_path}")
+        return True
+
+    async def upload_package(self, http_path: str, data: bytes,
+                             timeout: float = PACKAGE_TIMEOUT) -> None:
+        """``PUT /api/packages/<protocol>/<name>``: store a package in the cluster's GCS."""
+        r = await self._request("PUT", http_path, content=data, timeout=timeout)
+        if r.status_code == 500 and "ValueError" in r.text:  # too large: Ray says which limit
+            raise ServeRefused(f"PUT {http_path}: {r.text.strip().splitlines()[-1]}")
+        self._check(r, f"PUT {http_path}")
 
     async def why_silent(self) -> str | None:
         """After a request got no answer: why, when the way there can tell (None otherwise)."""
