@@ -94,7 +94,7 @@ def client(airflow):
 
 @pytest.fixture(scope="session")
 def dags_parsed(client):
-    """The five DAGs, once the dag-processor has parsed them."""
+    """Airfleet's DAGs, once the dag-processor has parsed them."""
     import airflow_client.client as af
 
     deadline = time.monotonic() + 120

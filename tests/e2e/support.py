@@ -18,7 +18,8 @@ CLUSTER = {"metadata": {"name": "e2e-a"},
                     "config": {"ssh": {"head": "10.0.0.1", "workers": ["10.0.0.2"],
                                        "credential": {"airflow_conn_id": "ssh_fleet"}}}}}
 DAG_IDS = {"airfleet_cluster_create", "airfleet_cluster_update", "airfleet_cluster_delete",
-           "airfleet_cluster_onboard", "airfleet_cluster_health_check"}
+           "airfleet_cluster_onboard", "airfleet_cluster_health_check",
+           "airfleet_endpoint_deploy", "airfleet_endpoint_scale", "airfleet_endpoint_delete"}
 
 
 def free_port() -> int:

@@ -189,7 +189,7 @@ def test_the_readme_runs_as_written(shell, readme_airflow, farm):
 
 
 def _runs(server) -> dict[str, str]:
-    """run id -> DAG id of every manual run of the five flows so far."""
+    """run id -> DAG id of every manual run of Airfleet's flows so far."""
     runs = {}
     for dag in DAG_IDS:
         r = requests.get(f"{server['base']}/api/v2/dags/{dag}/dagRuns",

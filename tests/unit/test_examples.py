@@ -85,3 +85,28 @@ def test_the_readme_runnable_blocks_are_bash():
     for block in blocks:
         done = subprocess.run(["bash", "-n"], input=block, capture_output=True, text=True)
         assert done.returncode == 0, f"{block}\n{done.stderr}"
+
+
+ENDPOINT_EXAMPLES = sorted((ROOT / "examples" / "endpoints").glob("*.json"))
+
+
+def endpoint_schema_errors(endpoint: dict) -> list[str]:
+    from airfleet.endpoints import DeployConf, endpoint_param_schemas
+
+    schema = endpoint_param_schemas(DeployConf)["endpoint"]
+    validator = validator_for(schema)(schema, format_checker=FormatChecker())
+    return [e.message for e in validator.iter_errors(endpoint)]
+
+
+def test_the_endpoint_examples_and_the_readmes_are_valid_endpoints():
+    from airfleet.endpoints import DeployConf, example_endpoint
+
+    assert [p.name for p in ENDPOINT_EXAMPLES] == ["chat.json"]
+    assert json.loads(ENDPOINT_EXAMPLES[0].read_text()) == example_endpoint()
+    assert "examples/endpoints/chat.json" in README
+    blocks = [json.loads(b) for b in re.findall(r"^```json\n(.*?)^```", README, re.M | re.S)]
+    endpoints = [b["endpoint"] for b in blocks if "endpoint" in b]
+    assert endpoints, "the README shows an endpoint"
+    for endpoint in [json.loads(p.read_text()) for p in ENDPOINT_EXAMPLES] + endpoints:
+        parse_conf(DeployConf, {"endpoint": endpoint})
+        assert endpoint_schema_errors(endpoint) == []
