@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from airfleet import config, lifecycle, policy
 from airfleet.backends import BackendContext, Observation, get_backend
+from airfleet.endpoints import EndpointPhase
 from airfleet.errors import (
     ClusterUnhealthy,
     Conflict,
@@ -84,9 +85,11 @@ def validate(action: str, conf: dict[str, Any], store: Store | None = None,
     another AirfleetError naming the field) and changes nothing."""
     parsed = parse_conf(FLOW_CONF[action], conf)
     if action == "delete":
-        record = (store or Store()).get_cluster(parsed.name)
+        store = store or Store()
+        record = store.get_cluster(parsed.name)
         if record is not None:
             get_backend(record.cluster.spec.type)
+            _check_no_endpoints(store, parsed.name, force=parsed.force)
         return {"name": parsed.name, "request": None, "force": parsed.force,
                 "dry_run": parsed.dry_run,
                 "actions": plan.flow_actions("delete", None, None, force=parsed.force)}
@@ -290,11 +293,22 @@ def teardown_left(store: Store, lease: LeaseRef, left: list[str], *, force: bool
     _update_status(store, lease, left_behind=left)
 
 
+def _check_no_endpoints(store: Store, name: str, *, force: bool) -> None:
+    serving = sorted({r.name for r in store.list_endpoints(cluster=name)})
+    if serving and not force:
+        raise InvalidRequest(
+            f"name: cluster {name} serves endpoints {', '.join(serving)}; delete them first "
+            '(airfleet_endpoint_delete), or delete with "force": true to remove them with the '
+            "cluster")
+
+
 def delete_done(store: Store, lease: LeaseRef) -> ClusterRecord:
     """Deleted: every component removed, or (forced) what was left named. A managed cluster
-    (eks, aks) is gone by now (deprovision ran): what was left in it went with it."""
+    (eks, aks) is gone by now (deprovision ran): what was left in it went with it. The
+    endpoints it served (a forced delete) went with it too."""
     cluster = store.require_cluster(lease.name).cluster
     status = cluster.status
+    _endpoints_gone(store, lease, status.left_behind)
     if status.kubeconfig_vault_id:  # the cluster is gone, and with it what that opened
         store.delete_secret(status.kubeconfig_vault_id)
     if status.left_behind and cluster.spec.provider in MANAGED:
@@ -306,6 +320,18 @@ def delete_done(store: Store, lease: LeaseRef) -> ClusterRecord:
         return finish(store, lease, Phase.DELETED, "DeletedByForce",
                       f"deleted by force; left behind: {'; '.join(status.left_behind)}")
     return finish(store, lease, Phase.DELETED, "Deleted", "every component removed")
+
+
+def _endpoints_gone(store: Store, lease: LeaseRef, left_behind: list[str]) -> None:
+    message = f"removed with cluster {lease.name}" + (
+        f", which was deleted by force and left behind: {'; '.join(left_behind)}"
+        if left_behind else "")
+    for record in store.list_endpoints(cluster=lease.name):
+        status = record.endpoint.status.model_copy(update={
+            "phase": EndpointPhase.DELETED, "message": message, "ready_replicas": 0,
+            "observed_at": now()})
+        store.set_endpoint_status(record.name, record.version, status, reason="ClusterDeleted",
+                                  run_id=lease.holder, token=lease.token)
 
 
 def fail(store: Store, lease: LeaseRef, reason: str, message: str) -> ClusterRecord:

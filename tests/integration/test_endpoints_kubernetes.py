@@ -224,3 +224,25 @@ def test_health_checks_follow_the_endpoints_engines(dags, running):
     assert str(deploy(dags).state) == "success"  # a re-deploy puts it back
     run(dags, "airfleet_cluster_health_check", health)
     assert version("chat", "v1").phase is EndpointPhase.RUNNING
+
+
+def test_a_cluster_that_serves_endpoints_is_deleted_only_with_force(dags, running):
+    """Deleting a cluster would take its endpoints along: refused in validate, naming them,
+    unless forced; forced, each version is recorded Deleted with the cluster, not left
+    Running on a cluster that is gone."""
+    assert str(deploy(dags).state) == "success"
+    running.requests.clear()
+    dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a", "force": False})
+    assert str(dr.state) == "failed"
+    assert states(dr)["validate"] == "failed"
+    assert "cluster llm-a serves endpoints chat; delete them first" in note(dr).splitlines()[0]
+    assert writes(running) == []
+    assert Store().require_cluster("llm-a").phase.value == "Running"
+
+    dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a", "force": True})
+    assert str(dr.state) == "success", states(dr)
+    assert running.get("Namespace", NS) is None
+    assert version("chat", "v1") is None
+    last = [e for e in Store().endpoint_events("chat") if e.to_phase][-1]
+    assert (last.to_phase, last.reason, last.message) == (
+        "Deleted", "ClusterDeleted", "removed with cluster llm-a")
