@@ -23,7 +23,7 @@ from airflow.sdk import (
 from airflow.sdk.bases.operator import chain
 
 from airfleet.endpoints import ENDPOINT_CONF, endpoint_param_schemas
-from airfleet_airflow.flow import _holder, _store, permanent_error, say, watcher
+from airfleet_airflow.flow import _holder, _store, params_of, permanent_error, say, watcher
 
 ENDPOINTS = AssetAlias("airfleet-endpoints")
 
@@ -34,17 +34,7 @@ def endpoint_asset(name: str) -> Asset:
 
 def endpoint_params(flow: str) -> dict[str, Param]:
     """The DAG's Params, generated from the flow's conf model (same rules as validate)."""
-    params = {}
-    for key, schema in endpoint_param_schemas(ENDPOINT_CONF[flow]).items():
-        schema = dict(schema)
-        description = schema.pop("description", None)
-        if "description_md" in schema:  # the form shows it only when description is None
-            description = None
-        if "default" in schema:
-            params[key] = Param(schema.pop("default"), description=description, **schema)
-        else:
-            params[key] = Param(description=description, **schema)
-    return params
+    return params_of(endpoint_param_schemas(ENDPOINT_CONF[flow]))
 
 
 def _lease(data: dict[str, Any]):

@@ -31,8 +31,13 @@ DEFAULT_ARGS: dict[str, Any] = {"owner": "airfleet", "retries": 0,
 
 def flow_params(action: str) -> dict[str, Param]:
     """The DAG's Params, generated from the flow's conf model (same rules as the first task)."""
+    return params_of(param_schemas(FLOW_CONF[action]))
+
+
+def params_of(schemas: dict[str, dict[str, Any]]) -> dict[str, Param]:
+    """Airflow Params from JSON schemas, one per conf key."""
     params = {}
-    for key, schema in param_schemas(FLOW_CONF[action]).items():
+    for key, schema in schemas.items():
         schema = dict(schema)
         description = schema.pop("description", None)
         if "description_md" in schema:  # the form shows it only when description is None

@@ -174,7 +174,30 @@ class RayNodesDeadTrigger(LeaseKeepingTrigger):
                              "dead": [a for a in self.nodes if a not in alive]})
 
 
-class ClusterProbeTrigger(LeaseKeepingTrigger):
+class _PollingTrigger(LeaseKeepingTrigger):
+    """Calls ``_look`` (read-only, in a thread: ``(done, message)``) every ``poll_interval``
+    seconds until done or ``deadline`` (epoch seconds), then yields ``{"done", "message"}``.
+    A look that fails is looked at again until the deadline."""
+
+    deadline: float
+    poll_interval: float
+
+    def _look(self) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    async def wait(self) -> AsyncIterator[TriggerEvent]:
+        while True:
+            try:
+                done, message = await asyncio.to_thread(self._look)
+            except Exception as exc:  # noqa: BLE001 - looked at again until the deadline
+                done, message = False, f"could not look: {exc}"
+            if done or time.time() >= self.deadline:
+                yield TriggerEvent({"done": done, "message": message})
+                return
+            await asyncio.sleep(min(self.poll_interval, max(0.0, self.deadline - time.time())))
+
+
+class ClusterProbeTrigger(_PollingTrigger):
     """Looks at the cluster every ``poll_interval`` seconds with a read-only backend verb until
     it reports done or the deadline passes, then yields ``{"done": bool, "message": str}``.
 
@@ -217,19 +240,8 @@ class ClusterProbeTrigger(LeaseKeepingTrigger):
             store.dispose()
         return seen.healthy, seen.message
 
-    async def wait(self) -> AsyncIterator[TriggerEvent]:
-        while True:
-            try:
-                done, message = await asyncio.to_thread(self._look)
-            except Exception as exc:  # noqa: BLE001 - looked at again until the deadline
-                done, message = False, f"could not look: {exc}"
-            if done or time.time() >= self.deadline:
-                yield TriggerEvent({"done": done, "message": message})
-                return
-            await asyncio.sleep(min(self.poll_interval, max(0.0, self.deadline - time.time())))
 
-
-class EndpointProbeTrigger(LeaseKeepingTrigger):
+class EndpointProbeTrigger(_PollingTrigger):
     """Looks at one endpoint version every ``poll_interval`` seconds until its engines are
     ready, Kubernetes gave up on them, or the deadline passes; yields ``{"done": bool,
     "message": str}``. Each look builds the cluster's clients afresh, in a thread.
@@ -265,17 +277,6 @@ class EndpointProbeTrigger(LeaseKeepingTrigger):
         finally:
             store.dispose()
         return seen.healthy or seen.failed, seen.message
-
-    async def wait(self) -> AsyncIterator[TriggerEvent]:
-        while True:
-            try:
-                done, message = await asyncio.to_thread(self._look)
-            except Exception as exc:  # noqa: BLE001 - looked at again until the deadline
-                done, message = False, f"could not look: {exc}"
-            if done or time.time() >= self.deadline:
-                yield TriggerEvent({"done": done, "message": message})
-                return
-            await asyncio.sleep(min(self.poll_interval, max(0.0, self.deadline - time.time())))
 
 
 class _CloudWaitTrigger(LeaseKeepingTrigger):
