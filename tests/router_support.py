@@ -9,6 +9,7 @@ not part of the airfleet package). It also runs, as real processes:
   load gauges (requests in flight as running, plus a waiting count a test sets with
   ``set_waiting``); started as ``python -m tests.router_support upstream NAME`` on a socket
   the test bound (no port race);
+- :class:`MockEngine`: the project's mock engine (the stand-in for vLLM), as a process;
 - :class:`RouterProcess`: ``python -m airfleet_router`` with the environment pointing at a
   (fake) Kubernetes API, its output captured to a file.
 """
@@ -200,6 +201,37 @@ def _upstream_app(name: str):
                              Route("/v1/completions", infer, methods=["POST"]),
                              Route("/health", health), Route("/metrics", metrics),
                              Route("/admin/waiting", set_waiting, methods=["POST"])])
+
+
+class MockEngine:
+    """``python -m airfleet_mock_engine`` (include/airfleet_mock_engine): OpenAI-compatible,
+    vLLM's /metrics names, ``X-Airfleet-Engine: <engine id>`` on every response; it answers
+    as each of ``models`` (its served names)."""
+
+    def __init__(self, engine_id: str, *models: str) -> None:
+        self.engine_id = engine_id
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "airfleet_mock_engine", "--host", "127.0.0.1", "--port",
+             str(self.port), "--model", models[0], "--served-model-name", *models,
+             "--engine-id", engine_id, "--token-latency-ms", "0",
+             "--uvicorn-log-level", "warning"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "include")})
+
+    def wait(self) -> MockEngine:
+        wait_http(f"{self.url}/health", proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 # ---- the router ------------------------------------------------------------------------------

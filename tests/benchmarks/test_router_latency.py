@@ -2,9 +2,9 @@
 the figures and writes them to ``tests/benchmarks/results/router_latency.json``; it asserts
 nothing about time.
 
-One upstream (tests/router_support.Upstream: uvicorn + Starlette answering a small JSON echo,
-as fast as it can, no model behind it) on loopback, the router as a real process
-(``python -m airfleet_router``, default settings: access log on) finding it through the fake
+One mock engine (include/airfleet_mock_engine, the project's stand-in for vLLM: uvicorn +
+Starlette echoing the prompt, no latency per token, no model behind it) on loopback, the router as a real process
+(``python -m airfleet_router``, default settings: no access log) finding it through the fake
 Kubernetes API. The same client calls the upstream directly and through the router, in
 alternating rounds so drift hits both sides alike:
 
@@ -14,12 +14,9 @@ alternating rounds so drift hits both sides alike:
   second and errors. The load comes from aiohttp (pinned in constraints.txt): an httpx 0.28
   AsyncClient tops out at about 300 requests/s with 32 in flight on this machine
   (encode/httpx#3215), so it would measure itself, not the router;
-- weighted split: a second upstream as version v2 of another model, the ConfigMap
+- weighted split: a second mock engine as version v2 of another model, the ConfigMap
   ``airfleet-routes`` giving v1/v2 90/10, 2,000 sequential requests: the share of v1 and its
   error in percentage points.
-
-The upstream is tests/router_support.Upstream (the project's mock engine was not there yet
-when this benchmark was written).
 
 The client, the router and the upstream share this machine's CPUs, so the concurrent figures
 are a floor for the router on a core of its own.
@@ -41,7 +38,7 @@ import httpx
 import pytest
 
 from tests.fakes.kube_apiserver import FakeKubeAPIServer
-from tests.router_support import RouterProcess, Upstream, pod, wait_http
+from tests.router_support import MockEngine, RouterProcess, pod, wait_http
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(300)]
 
@@ -139,9 +136,11 @@ def _split(router_url: str) -> dict:
     with httpx.Client(base_url=router_url, trust_env=False, timeout=30) as client:
         for _ in range(SPLIT_REQUESTS):
             response = client.post("/v1/chat/completions",
-                                   json={"model": SPLIT_MODEL, "messages": []})
+                                   json={"model": SPLIT_MODEL, "max_tokens": 1,
+                                         # no user message: no session key, not sticky
+                                         "messages": [{"role": "system", "content": "hi"}]})
             response.raise_for_status()
-            name = response.json()["upstream"]
+            name = response.headers["x-airfleet-engine"]
             served[name] = served.get(name, 0) + 1
     share = served.get("bench", 0) / SPLIT_REQUESTS
     want = SPLIT_WEIGHTS["v1"] / sum(SPLIT_WEIGHTS.values())
@@ -151,7 +150,8 @@ def _split(router_url: str) -> dict:
 
 def test_router_latency(tmp_path):
     with FakeKubeAPIServer() as kube:
-        upstream, canary = Upstream("bench"), Upstream("canary")
+        upstream = MockEngine("bench", MODEL, SPLIT_MODEL)
+        canary = MockEngine("canary", SPLIT_MODEL)
         token = tmp_path / "token"
         token.write_text(kube.token)
         router = RouterProcess(tmp_path / "router.log", api_url=kube.url, namespace=NS,
@@ -196,7 +196,7 @@ def test_router_latency(tmp_path):
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
 
-    print(f"\nRouter latency (one upstream on loopback, {os.cpu_count()} CPUs shared by "
+    print(f"\nRouter latency (one mock engine on loopback, {os.cpu_count()} CPUs shared by "
           f"client, router and upstream):")
     phases = [("sequential", 1, sequential),
               *((f"concurrent_{n}", n, data) for n, data in concurrent.items())]

@@ -276,3 +276,51 @@ def test_the_form_shows_the_example_and_rest_still_needs_a_cluster(readme_airflo
     assert r.status_code == 400, r.text
     assert "cluster" in r.text
     assert _runs(readme_airflow) == before
+
+
+def test_an_endpoint_on_static_nodes_with_the_official_client(readme_airflow, farm):
+    """The README's nodes with real Ray, driven with apache-airflow-client as a program would:
+    a cluster, a mock endpoint on it (a Ray Serve application) scaled 1 -> 2 and asked over
+    the OpenAI API, then both deleted; the Airfleet API tells each step."""
+    import json
+
+    import airflow_client.client as af
+    import httpx
+
+    from tests.e2e.support import trigger, wait_run
+
+    base, headers = readme_airflow["base"], readme_airflow["headers"]
+    requests.post(f"{base}/api/v2/connections", headers=headers, timeout=API_TIMEOUT, json={
+        "connection_id": "ssh_fleet", "conn_type": "ssh", "login": "root",
+        "extra": json.dumps({"key_file": str(farm.private_key_path)})})  # 409: there already
+    cluster = json.loads((ROOT / "examples" / "llm-a.json").read_text())
+    cluster["spec"]["config"]["ssh"]["known_hosts"] = farm.known_hosts_text()
+    endpoint = json.loads((ROOT / "examples" / "endpoints" / "chat.json").read_text())
+    config = af.Configuration(host=base, access_token=headers["Authorization"].split()[1])
+
+    def plugin(path: str) -> dict:
+        return requests.get(f"{base}/airfleet/api/v1/{path}", headers=headers,
+                            timeout=API_TIMEOUT).json()
+
+    with af.ApiClient(config) as client:
+        def step(dag_id: str, conf: dict) -> None:
+            run = trigger(client, dag_id, conf)
+            assert wait_run(client, dag_id, run.dag_run_id) == "success", (dag_id, conf)
+
+        step("airfleet_cluster_create", {"cluster": cluster})
+        try:
+            step("airfleet_endpoint_deploy", {"endpoint": endpoint})
+            step("airfleet_endpoint_scale", {"name": "chat", "replicas": 2})
+            [v1] = plugin("endpoints/chat")["versions"]
+            assert (v1["phase"], v1["ready_replicas"], v1["replicas"]) == ("Running", 2, 2), v1
+            assert v1["url"] == "http://10.0.0.2:8000/chat/v1/v1", v1
+            answer = httpx.post(f"{v1['url']}/chat/completions", trust_env=False, timeout=30,
+                                json={"model": "chat", "max_tokens": 2, "messages": [
+                                    {"role": "user", "content": "two replicas"}]}).json()
+            assert answer["choices"][0]["message"]["content"] == "two replicas", answer
+            step("airfleet_endpoint_delete", {"name": "chat", "version": None})
+            assert plugin("clusters/llm-a")["endpoint_count"] == 0
+            step("airfleet_cluster_delete", {"name": "llm-a", "force": False})
+        finally:  # the nodes are the module's: leave them without Ray whatever happened
+            if plugin("clusters/llm-a").get("phase") not in (None, "Deleted"):
+                step("airfleet_cluster_delete", {"name": "llm-a", "force": True})

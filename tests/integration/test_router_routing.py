@@ -11,17 +11,14 @@ test uses models of its own and sets the weights it needs.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
 from tests.fakes.kube_apiserver import FakeKubeAPIServer
-from tests.router_support import ROOT, RouterProcess, Upstream, free_port, pod, wait_http
+from tests.router_support import MockEngine, RouterProcess, Upstream, free_port, pod
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -399,33 +396,6 @@ def test_connect_failure_retries_on_the_same_version(client, pods, routes, upstr
 
 
 # ---- with the project's mock engine ----------------------------------------------------------
-
-class MockEngine:
-    """``python -m airfleet_mock_engine`` (include/airfleet_mock_engine): OpenAI-compatible,
-    vLLM's /metrics names, ``X-Airfleet-Engine: <engine id>`` on every response."""
-
-    def __init__(self, engine_id: str, model: str) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "airfleet_mock_engine", "--host", "127.0.0.1", "--port",
-             str(self.port), "--model", model, "--engine-id", engine_id,
-             "--token-latency-ms", "0", "--uvicorn-log-level", "warning"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(ROOT / "include")})
-
-    def wait(self) -> MockEngine:
-        wait_http(f"http://127.0.0.1:{self.port}/health", proc=self.proc)
-        return self
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 def test_two_mock_engine_versions_split_90_10(client, kube, routes):
     """Two mock engines serving "org/mock" as v1 and v2 (the served name in the annotation,
