@@ -98,10 +98,10 @@ def test_db_migrate_is_idempotent(airfleet_home: Path):
     url = f"sqlite:///{airfleet_home / 'airfleet.db'}"
     for _ in range(2):
         out = ok("db", "migrate").decode()
-        assert out == f"airfleet store at revision 0004 ({url})\n"
+        assert out == f"airfleet store at revision 0005 ({url})\n"
     store = Store(url)
     try:
-        assert current_revision(store.engine) == "0004"
+        assert current_revision(store.engine) == "0005"
         assert store.list_clusters() == []
     finally:
         store.dispose()

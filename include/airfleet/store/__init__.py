@@ -102,6 +102,7 @@ class Event:
     reason: str
     message: str
     run_id: str | None
+    token: int | None = None  # the fencing token the write carried (None: written unfenced)
 
 
 def engine_for(url: str) -> Engine:
@@ -297,7 +298,7 @@ class Store(EndpointStore):
             s.add(row)
             s.add(EventRow(cluster=row.name, cluster_uid=row.uid, at=t, kind="Normal",
                            from_phase=None, to_phase=Phase.PENDING.value, reason="Registered",
-                           message="cluster registered", run_id=run_id))
+                           message="cluster registered", run_id=run_id, token=token))
             try:
                 s.flush()
             except IntegrityError:
@@ -319,7 +320,8 @@ class Store(EndpointStore):
                       "generation": row.generation + (row.spec != spec)}
             self._write(s, row, values, expected_version)
             s.add(_event(row, "Normal", None, None, "SpecChanged",
-                         f"desired spec is now generation {values['generation']}", run_id))
+                         f"desired spec is now generation {values['generation']}", run_id,
+                         token))
             return _record(row)
 
     def set_status(self, name: str, status: ClusterStatus, *, reason: str, run_id: str | None,
@@ -355,7 +357,7 @@ class Store(EndpointStore):
                 step = lifecycle.transition(name, current, status.phase, reason=reason,
                                             run_id=run_id)
                 s.add(_event(row, "Transition", step.from_phase, step.to_phase, reason,
-                             status.message, run_id))
+                             status.message, run_id, token))
             self._write(s, row, values, expected_version)
             return _record(row)
 
@@ -375,7 +377,7 @@ class Store(EndpointStore):
             if token is not None:
                 self._fence(s, name, token)
             s.add(_event(self._require_live(s, name), kind, None, None, reason, message,
-                         run_id))
+                         run_id, token))
 
     def events(self, name: str) -> list[Event]:
         """The history of every incarnation of ``name``, oldest first."""
@@ -544,15 +546,15 @@ def _lease(row: LeaseRow) -> Lease:
 
 
 def _event(row: ClusterRow, kind: str, from_phase, to_phase, reason: str, message: str,
-           run_id: str | None) -> EventRow:
+           run_id: str | None, token: int | None = None) -> EventRow:
     return EventRow(cluster=row.name, cluster_uid=row.uid, at=now(), kind=kind,
                     from_phase=from_phase and str(from_phase), to_phase=to_phase and str(to_phase),
-                    reason=reason, message=message or "", run_id=run_id)
+                    reason=reason, message=message or "", run_id=run_id, token=token)
 
 
 def _as_event(e: EventRow) -> Event:
     return Event(e.cluster, _utc(e.at), e.kind, e.from_phase, e.to_phase, e.reason, e.message,
-                 e.run_id)
+                 e.run_id, e.token)
 
 
 def _record(row: ClusterRow) -> ClusterRecord:

@@ -66,6 +66,9 @@ class EventRow(Base):
     reason: Mapped[str] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(Text, default="")
     run_id: Mapped[str | None] = mapped_column(String(250), index=True)  # a run's note
+    # The fencing token of the lease the write was made under (None: no lease, e.g. a health
+    # check). Per cluster, tokens in id order never go down: two runs never interleave.
+    token: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class LeaseRow(Base):

@@ -203,3 +203,21 @@ def test_a_broken_lease_fences_off_its_holder_at_once(store: Store):
 
     assert (store.get_cluster("alpha"), store.events("alpha")) == before
     assert store.get_lease("alpha").holder is None
+
+
+def test_each_history_entry_keeps_the_token_it_was_written_under(store: Store):
+    first = store.acquire_lease("alpha", "run-a", ttl=600)
+    store.register_cluster(request(), run_id="run-a", token=first.token)
+    store.set_status("alpha", ClusterStatus(phase=Phase.PROVISIONING), reason="Create",
+                     run_id="run-a", token=first.token)
+    store.release_lease("alpha", "run-a", first.token)
+    second = store.acquire_lease("alpha", "run-b", ttl=600)
+    store.record_event("alpha", "Drained", "node drained", run_id="run-b", token=second.token)
+    store.update_spec(request(head="10.0.0.9"), run_id="run-b", token=second.token)
+    # An unfenced write (a health check) carries no token.
+    store.set_status("alpha", ClusterStatus(phase=Phase.FAILED, message="probe"),
+                     reason="HealthCheck", run_id="health")
+
+    assert [(e.run_id, e.reason, e.token) for e in store.events("alpha")] == [
+        ("run-a", "Registered", 1), ("run-a", "Create", 1), ("run-b", "Drained", 2),
+        ("run-b", "SpecChanged", 2), ("health", "HealthCheck", None)]

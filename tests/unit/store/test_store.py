@@ -59,9 +59,9 @@ def drive(store: Store, name: str, *phases: Phase) -> None:
 # ---- schema -----------------------------------------------------------------------------------
 
 def test_migrate_is_idempotent_and_returns_head(store: Store):
-    assert store.migrate() == "0004"
-    assert store.migrate() == "0004"
-    assert current_revision(store.engine) == "0004"
+    assert store.migrate() == "0005"
+    assert store.migrate() == "0005"
+    assert current_revision(store.engine) == "0005"
     names = set(inspect(store.engine).get_table_names())
     assert TABLES | {VERSION_TABLE} <= names
     assert "alembic_version" not in names  # Airflow's own version table stays untouched
