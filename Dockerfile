@@ -30,8 +30,8 @@ RUN pip install --no-cache-dir -r /opt/airfleet/requirements.txt -c /opt/airflee
 # The core package, installed non-editable into site-packages. setuptools writes build/ and
 # *.egg-info next to the sources, and COPY leaves them root-owned, so build from a throw-away copy
 # the airflow user owns. The checks at the end fail the build, not the first task: the package
-# imports, the CLI is on PATH, and the Celery provider that CeleryExecutor needs is present
-# (requirements.txt does not pin it; the base image ships it).
+# imports, the CLI is on PATH, and the Celery executor loads (requirements.txt pins the provider
+# and a celery it can import: celery 5.7 broke it).
 COPY pyproject.toml /opt/airfleet/src/
 COPY include/ /opt/airfleet/src/include/
 RUN cp -r /opt/airfleet/src /tmp/airfleet-src \
@@ -39,7 +39,7 @@ RUN cp -r /opt/airfleet/src /tmp/airfleet-src \
     && rm -rf /tmp/airfleet-src \
     && python -c "import airfleet" \
     && command -v airfleet \
-    && pip show --quiet apache-airflow-providers-celery
+    && python -c "import airflow.providers.celery.executors.celery_executor"
 
 # Mount point of the `airfleet-keys` volume (the vault key pair). Docker initialises an empty named
 # volume from this directory, so the volume starts owned by airflow with mode 0700.

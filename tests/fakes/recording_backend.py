@@ -4,16 +4,20 @@ It stands in for a product backend when testing the flow machinery (validate, le
 history, teardown). It works across processes (a running Airflow's task subprocesses), so its
 instructions and its record live in files named by environment variables:
 
-- ``AIRFLEET_FAKE_BACKEND_LOG``: JSON lines, one per verb call ``{"verb", "cluster", "run_id"}``;
+- ``AIRFLEET_FAKE_BACKEND_LOG``: JSON lines, one per verb call ``{"verb", "cluster", "run_id",
+  "start", "end", "pid", "worker"}`` (times from ``time.time()``; ``worker``: the Celery
+  worker's ``AIRFLEET_WORKER_NAME`` when set), written when the call ends;
 - ``AIRFLEET_FAKE_BACKEND_STATE``: JSON ``{"fail_at": {"<cluster>": "<verb>"},
   "unhealthy": ["<cluster>"], "not_ready": {"<cluster>": ["<node>"]},
-  "leftovers": {"<cluster>": ["..."]}}``.
+  "leftovers": {"<cluster>": ["..."]}, "delay": {"<verb>": <seconds>}}`` (``delay``: each
+  call of that verb takes that long, so concurrent calls would overlap visibly).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,12 +46,17 @@ class RecordingBackend(Backend):
             raise InvalidRequest("cluster.spec.version: the fake backend rejects 'reject-me'")
 
     def _call(self, verb: str, cluster: Cluster, ctx: BackendContext | None) -> None:
+        state, start = _state(), time.time()
+        time.sleep(state.get("delay", {}).get(verb, 0))
         log = os.environ.get("AIRFLEET_FAKE_BACKEND_LOG")
         if log:
-            with open(log, "a") as f:
-                f.write(json.dumps({"verb": verb, "cluster": cluster.name,
-                                    "run_id": ctx.run_id if ctx else None}) + "\n")
-        if _state().get("fail_at", {}).get(cluster.name) == verb:
+            line = json.dumps({"verb": verb, "cluster": cluster.name,
+                               "run_id": ctx.run_id if ctx else None, "start": start,
+                               "end": time.time(), "pid": os.getpid(),
+                               "worker": os.environ.get("AIRFLEET_WORKER_NAME")})
+            with open(log, "a") as f:  # one write of one line: appends from processes interleave whole
+                f.write(line + "\n")
+        if state.get("fail_at", {}).get(cluster.name) == verb:
             raise FakeBackendError(f"fake backend told to fail at {verb}")
 
     def _nodes(self, cluster: Cluster) -> list[NodeStatus]:

@@ -207,9 +207,23 @@ def test_airfleet_database_is_created_by_an_init_sql() -> None:
     )
 
 
+def shared_settings(svc: dict) -> dict[str, str]:
+    """The KEY=VALUE lines of the checked-in env files a service reads (.env is the user's)."""
+    settings = {}
+    for path in env_files(svc):
+        if path == ".env":
+            continue
+        for line in (ROOT / path).read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                key, value = line.split("=", 1)
+                settings[key] = value
+    return settings
+
+
 @pytest.mark.parametrize("name", AIRFLOW_SERVICES)
 def test_airflow_environment(name: str) -> None:
-    env = environment(service(name))
+    # compose: `environment` wins over `env_file`.
+    env = {**shared_settings(service(name)), **environment(service(name))}
     expected = {
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "false",
