@@ -12,6 +12,7 @@ from prometheus_client import disable_created_metrics
 
 from airfleet_router import __version__, config
 from airfleet_router.app import create_app
+from airfleet_router.server import http_protocol
 
 # Longer than the idle timeout of common load balancers (60 s on AWS ALB / GCP): the balancer
 # must be the side that closes an idle connection, or it may send a request on a connection
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     # stops scanning it at each full collection, pauses that showed in the latency tail.
     gc.freeze()
     server = uvicorn.Server(uvicorn.Config(
-        app, host=cfg.host, port=cfg.port, log_config=None,
+        app, host=cfg.host, port=cfg.port, log_config=None, http=http_protocol(),
         log_level=cfg.log_level, lifespan="on", proxy_headers=False,
         # Off by default: a line per request costs about a third of the router's throughput,
         # and airfleet_router_requests_total counts requests by model and status anyway.

@@ -23,7 +23,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 
-import aiohttp
 import httpx
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -45,6 +44,12 @@ from airfleet_router.config import RouterConfig
 from airfleet_router.discovery import Endpoint, PodWatcher, RoutingTable
 from airfleet_router.routes import RoutesWatcher
 from airfleet_router.scraper import Scraper
+from airfleet_router.upstream import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +58,6 @@ UPSTREAM_CONNECT_TIMEOUT = 3.0  # a pod IP that does not answer SYNs: fail over 
 # Below the 5 s keep-alive of uvicorn (vLLM, SGLang) so we do not reuse a connection the pod
 # is closing at that very moment.
 UPSTREAM_KEEPALIVE_EXPIRY = 4.0
-POOLS_PER_ENDPOINT = 1  # see UpstreamPools: one aiohttp session per pod is enough
 PRUNE_INTERVAL = 30.0  # seconds between closing the pools of pods that left the table
 # A response of known length up to this size is read whole, then sent in one piece: a
 # non-streamed completion is useless to the client until complete anyway, and this saves the
@@ -64,11 +68,14 @@ PROMPT_KEY_CHARS = 256  # of a completion's prompt, for its session key
 RETRY_AFTER_NO_POD = "5"  # seconds; a pod becoming ready takes longer than that anyway
 # Hop-by-hop headers (RFC 9110 7.6.1) are for one connection and never forwarded; Host and
 # Content-Length are set again for the upstream request; Date and Server come from our server.
+# Expect is not forwarded either: the router has the whole body and sends it at once.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "proxy-connection", "te", "trailer", "trailers", "transfer-encoding",
                         "upgrade"})
-NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length"}
+NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "expect"}
 NOT_FORWARDED_DOWN = HOP_BY_HOP | {"date", "server"}
+_NOT_FORWARDED_UP = frozenset(name.encode("latin-1") for name in NOT_FORWARDED_UP)
+_NOT_FORWARDED_DOWN = frozenset(name.encode("latin-1") for name in NOT_FORWARDED_DOWN)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 UNKNOWN_MODEL = ""  # the model label of requests for no known model (bounded cardinality)
 
@@ -175,12 +182,12 @@ class _Buffered:
 
 
 class _UpstreamResponse(StreamingResponse):
-    """Relays an aiohttp response as it arrives. ``on_done`` runs once: as soon as the
+    """Relays a pod's response as it arrives. ``on_done`` runs once: as soon as the
     upstream body is exhausted (before the client sees the end of the response, so the
     balancer's count is exact for the client's next request), or when the client went away or
     the upstream broke off (``StreamingResponse``'s background task does not run then)."""
 
-    def __init__(self, upstream: aiohttp.ClientResponse, endpoint: Endpoint,
+    def __init__(self, upstream: UpstreamResponse, endpoint: Endpoint,
                  on_done: Callable[[], None]) -> None:
         super().__init__(self._relay(), status_code=upstream.status)
         self.raw_headers = _response_headers(upstream)
@@ -189,7 +196,7 @@ class _UpstreamResponse(StreamingResponse):
         self._on_done: Callable[[], None] | None = on_done
 
     async def _relay(self) -> AsyncIterator[bytes]:
-        async for chunk in self._upstream.content.iter_any():
+        async for chunk in self._upstream.chunks():
             yield chunk
         self._done()
 
@@ -201,30 +208,32 @@ class _UpstreamResponse(StreamingResponse):
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
-        except (TimeoutError, aiohttp.ClientError) as e:
+        except (TimeoutError, UpstreamError) as e:
             # The pod broke off mid-response (or fell silent): the client's connection is
             # dropped too (no clean end of a truncated body), which the re-raise makes
             # uvicorn do.
             log.warning("upstream %s broke off its response: %s", self._endpoint,
                         type(e).__name__)
-            self._upstream.close()
             raise
         finally:
             self._done()
-            self._upstream.release()
+            self._upstream.close()  # the connection goes unless the body was read whole
 
 
-def _response_headers(upstream: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+def _response_headers(upstream: UpstreamResponse) -> list[tuple[bytes, bytes]]:
     """The upstream's headers as sent (repeated ones kept), minus those not forwarded."""
-    dropped = NOT_FORWARDED_DOWN | _connection_tokens(upstream.headers.get("connection"))
-    return [(k.lower(), v) for k, v in upstream.raw_headers
-            if k.lower().decode("latin-1") not in dropped]
+    dropped = _NOT_FORWARDED_DOWN
+    connection = upstream.header(b"connection")
+    if connection is not None:
+        dropped = dropped | {t.encode("latin-1")
+                             for t in _connection_tokens(connection.decode("latin-1"))}
+    return [(name, v) for k, v in upstream.raw_headers if (name := k.lower()) not in dropped]
 
 
-def _buffered(upstream: aiohttp.ClientResponse) -> bool:
-    length = upstream.headers.get("content-length", "")
+def _buffered(upstream: UpstreamResponse) -> bool:
+    length = upstream.header(b"content-length") or b""
     return (length.isdigit() and int(length) <= BUFFERED_MAX
-            and not upstream.headers.get("content-type", "").startswith("text/event-stream"))
+            and not (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"))
 
 
 def _connection_tokens(value: str | None) -> frozenset[str]:
@@ -299,89 +308,41 @@ def message_key(payload: dict) -> bytes | None:
     return _text(prompt)[:PROMPT_KEY_CHARS].encode("utf-8", "surrogatepass")
 
 
-class _Pool:
-    """One endpoint's connection pool: an aiohttp session of its own, sending the client's
-    headers unchanged and keeping no cookies."""
-
-    def __init__(self, timeout: aiohttp.ClientTimeout) -> None:
-        self.session = aiohttp.ClientSession(
-            # No cap on connections: the inference server queues requests itself, a second
-            # queue here would only add waits.
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0,
-                                           keepalive_timeout=UPSTREAM_KEEPALIVE_EXPIRY),
-            timeout=timeout,
-            # A proxy shared by every client must not hand one user's cookie to the next.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # aiohttp adds these to every request; the client's own headers (or their
-            # absence) must reach the pod unchanged.
-            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            # Relayed as sent: a compressed body stays compressed, as its headers say.
-            auto_decompress=False,
-            # The pod's HTTP(S)_PROXY must not divert traffic to pod IPs.
-            trust_env=False)
-
-    @property
-    def headers(self):
-        return self.session.headers
-
-    @property
-    def is_closed(self) -> bool:
-        return self.session.closed
-
-    async def aclose(self) -> None:
-        await self.session.close()
-
-
 class UpstreamPools:
-    """Connection pools (aiohttp sessions) for the pods: POOLS_PER_ENDPOINT per endpoint, used
-    in turn. :meth:`prune` closes the pools of endpoints that left the routing table once no
-    request uses them.
-
-    aiohttp rather than httpx: httpx 0.28's pool re-examines every connection it holds whenever
-    a request starts or ends (encode/httpx#3215) and runs over anyio's socket streams; with 32
-    requests in flight it took most of the router's CPU even split over 8 pools per pod.
-    aiohttp's connector takes a free connection in constant time over asyncio's transports.
-    """
+    """A connection pool (:class:`~airfleet_router.upstream.UpstreamPool`) per pod.
+    :meth:`prune` closes the pools of endpoints that left the routing table once no request
+    uses them, and the other pools' idle connections past their keep-alive."""
 
     def __init__(self, upstream_timeout: float) -> None:
-        # sock_read bounds the silence between two reads (before the response and between
-        # chunks), as AIRFLEET_ROUTER_UPSTREAM_TIMEOUT says; no total: a stream may be long.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=min(UPSTREAM_CONNECT_TIMEOUT, upstream_timeout),
-            sock_read=upstream_timeout)
-        self._clients: dict[Endpoint, list[_Pool | None]] = {}
-        self._turn = 0
+        self._connect_timeout = min(UPSTREAM_CONNECT_TIMEOUT, upstream_timeout)
+        self._read_timeout = upstream_timeout
+        self._pools: dict[Endpoint, UpstreamPool] = {}
 
-    def get(self, endpoint: Endpoint) -> _Pool:
-        clients = self._clients.get(endpoint)
-        if clients is None:
-            clients = self._clients[endpoint] = [None] * POOLS_PER_ENDPOINT
-        if POOLS_PER_ENDPOINT > 1:
-            self._turn = (self._turn + 1) % POOLS_PER_ENDPOINT
-        client = clients[self._turn]
-        if client is None:
-            client = clients[self._turn] = _Pool(self._timeout)
-        return client
+    def get(self, endpoint: Endpoint) -> UpstreamPool:
+        pool = self._pools.get(endpoint)
+        if pool is None:
+            pool = self._pools[endpoint] = UpstreamPool(
+                endpoint, connect_timeout=self._connect_timeout,
+                read_timeout=self._read_timeout, keepalive=UPSTREAM_KEEPALIVE_EXPIRY)
+        return pool
 
     def __len__(self) -> int:
         """Endpoints with pools."""
-        return len(self._clients)
+        return len(self._pools)
 
     async def prune(self, live: Collection[Endpoint], busy: Callable[[Endpoint], bool]) -> int:
         """Close the pools of endpoints not in ``live`` and not ``busy``; how many endpoints."""
-        gone = [ep for ep in self._clients if ep not in live and not busy(ep)]
+        gone = [ep for ep in self._pools if ep not in live and not busy(ep)]
         for endpoint in gone:
-            for client in self._clients.pop(endpoint):
-                if client is not None:
-                    await client.aclose()
+            await self._pools.pop(endpoint).aclose()
+        for pool in self._pools.values():  # and idle connections past their keep-alive
+            pool.sweep()
         return len(gone)
 
     async def aclose(self) -> None:
-        clients, self._clients = self._clients, {}
-        for pools in clients.values():
-            for client in pools:
-                if client is not None:
-                    await client.aclose()
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            await pool.aclose()
 
 
 class Router:
@@ -519,13 +480,14 @@ class Router:
             key = message_key(payload)
         else:
             key = None
-        query = scope.get("query_string", b"").decode("latin-1")
-        target = scope["path"] + (f"?{query}" if query else "")
-        dropped = NOT_FORWARDED_UP
+        query = scope.get("query_string", b"")
+        path = scope["path"].encode("ascii")  # one of PROXIED_PATHS
+        target = path + b"?" + query if query else path
+        dropped = _NOT_FORWARDED_UP
         if connection is not None:
-            dropped = dropped | _connection_tokens(connection.decode("latin-1"))
-        up_headers = [(name, v.decode("latin-1")) for k, v in headers
-                      if (name := k.decode("latin-1")) not in dropped]
+            dropped = dropped | {t.encode("latin-1")
+                                 for t in _connection_tokens(connection.decode("latin-1"))}
+        up_headers = [(k, v) for k, v in headers if k not in dropped]
         versions = self.table.versions(model)
         tried: list[Endpoint] = []
         while len(tried) < 2:  # the chosen pod, then one other on a connect failure
@@ -548,23 +510,20 @@ class Router:
             502, f"could not connect to any endpoint serving model '{model}' "
                  f"(tried {len(tried)})", "server_error", "upstream_unreachable"))
 
-    async def _forward(self, model: str, endpoint: Endpoint, version: str, target: str,
-                       headers: list[tuple[str, str]], body: bytes):
+    async def _forward(self, model: str, endpoint: Endpoint, version: str, target: bytes,
+                       headers: list[tuple[bytes, bytes]], body: bytes):
         """The answer of ``endpoint`` (or our error for its failure); raises
         :class:`_ConnectFailed` when it cannot be reached, i.e. nothing was sent."""
         token = self.balancer.acquire(endpoint)
         relayed = False  # a streamed response releases the endpoint when it is done
         try:
-            session = self.pools.get(endpoint).session
+            pool = self.pools.get(endpoint)
             started = time.monotonic()
             try:
-                upstream = await session.request("POST", endpoint.url(target),
-                                                 headers=headers, data=body,
-                                                 allow_redirects=False)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+                upstream = await pool.post(target, headers, body)
+            except UpstreamConnectError as e:
                 self.metrics.upstream_connect_failures.labels(model).inc()
-                log.warning("model %s: cannot connect to %s (%s)", model, endpoint,
-                            type(e).__name__)
+                log.warning("model %s: cannot connect to %s (%s)", model, endpoint, e)
                 raise _ConnectFailed() from e
             except TimeoutError:
                 log.warning("model %s: %s sent no response within %s s", model, endpoint,
@@ -572,8 +531,8 @@ class Router:
                 return error_response(
                     504, f"the endpoint serving model '{model}' did not answer in time",
                     "server_error", "upstream_timeout")
-            except aiohttp.ClientError as e:
-                log.warning("model %s: %s failed: %s", model, endpoint, type(e).__name__)
+            except UpstreamError as e:
+                log.warning("model %s: %s failed: %s", model, endpoint, e)
                 return error_response(
                     502, f"the endpoint serving model '{model}' failed to answer",
                     "server_error", "upstream_error")
@@ -587,14 +546,13 @@ class Router:
                     on_done=lambda: self.balancer.release(endpoint, token))
             try:
                 content = await upstream.read()
-            except (TimeoutError, aiohttp.ClientError) as e:
+            except (TimeoutError, UpstreamError) as e:
                 upstream.close()
                 log.warning("model %s: %s broke off its response: %s", model, endpoint,
                             type(e).__name__)
                 return error_response(
                     502, f"the endpoint serving model '{model}' broke off its response",
                     "server_error", "upstream_error")
-            upstream.release()
             return _Buffered(upstream.status, _response_headers(upstream), content)
         finally:
             if not relayed:
