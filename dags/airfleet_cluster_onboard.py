@@ -4,13 +4,14 @@
 Conf: `{"cluster": {"metadata": {"name": ...}, "spec": {...}}}` describing a cluster that
 already runs.
 
-validate -> lease -> policy `onboard_cluster` -> register (sealed credentials into the vault)
--> discover it read-only (nodes, health; kubernetes: access and permissions) -> detect
-accelerators -> install only what is missing (kubernetes: namespace, router, metrics, ...) ->
-wait until ready -> Running. Nothing that runs is restarted or changed.
+Tasks: `admit` (validate -> lease -> policy `onboard_cluster` -> register, sealed credentials
+into the vault) -> `discover` it read-only (nodes, health; kubernetes: access and
+permissions) -> `detect_accelerators` -> `install_missing` (only what is missing; kubernetes:
+namespace, router, metrics, ...) -> `wait_ready` (then Running); `release_lease` (teardown,
+whatever happened) and `watcher`. Nothing that runs is restarted or changed.
 
 `"dry_run": true` in the conf: the actions and the policies' decisions are reported by
-`validate`, and nothing else runs.
+`admit`, and nothing else runs.
 """
 
 from __future__ import annotations
@@ -24,18 +25,13 @@ from airfleet_airflow.operators import DetectAcceleratorsOperator, WaitReadyOper
 @dag(dag_id="airfleet_cluster_onboard", schedule=None, catchup=False, tags=flow.TAGS,
      params=flow.flow_params("onboard"), default_args=flow.DEFAULT_ARGS, doc_md=__doc__)
 def airfleet_cluster_onboard():
-    checked = flow.validate("onboard")
-    lease = flow.acquire_lease(checked)
-    approved = flow.policy_precheck(checked)
+    lease = flow.admit("onboard")
     flow.guarded(
         lease,
-        approved,
-        flow.register(approved, lease),
         flow.backend_step.override(task_id="discover")(lease, "query"),
         DetectAcceleratorsOperator(task_id="detect_accelerators", lease=lease),
         flow.backend_step.override(task_id="install_missing")(lease, "install_missing"),
-        WaitReadyOperator(task_id="wait_ready", lease=lease),
-        flow.finish.override(task_id="running")(lease, "Running", "Onboarded"),
+        WaitReadyOperator(task_id="wait_ready", lease=lease, finish=("Running", "Onboarded")),
     )
 
 

@@ -3,12 +3,13 @@
 
 Conf: `{"name": "..."}` (every version) or `{"name": "...", "version": "v1"}`.
 
-validate -> the cluster's lease -> policy `delete_endpoint` -> route the model away from the
-versions (the ones that stay take their share) -> remove their engines -> verify they are
-gone -> Deleted. What cannot be removed fails the run, each item named, and the version stays
+`admit` (validate -> the cluster's lease -> policy `delete_endpoint`) -> `delete`: route the
+model away from the versions (the ones that stay take their share) -> remove their engines -> verify they are
+gone -> Deleted; `release_lease` (teardown, whatever happened) and `watcher`. What cannot be removed fails the run, each item named, and the version stays
 recorded (Failed). Deleting an endpoint that is not registered is already done.
 
-`"dry_run": true`: the action and the policies' decisions are reported; nothing else runs.
+`"dry_run": true`: the action and the policies' decisions are reported by `admit`; nothing
+else runs.
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ from airfleet_airflow import flow
      params=ep.endpoint_params("endpoint_delete"), default_args=flow.DEFAULT_ARGS,
      doc_md=__doc__)
 def airfleet_endpoint_delete():
-    checked = ep.validate("endpoint_delete")
-    lease = ep.acquire_lease(checked)
-    approved = ep.policy_precheck(checked)
-    ep.guarded(lease, checked, approved, ep.delete(approved, lease))
+    admitted = ep.admit("endpoint_delete")
+    ep.guarded(admitted, ep.delete(admitted))
 
 
 airfleet_endpoint_delete()

@@ -4,15 +4,15 @@
 Conf: `{"endpoint": {"metadata": {"name"}, "spec": {"cluster", "engine", "model", "replicas",
 "resources", "engine_args", "max_model_len", "version", "traffic_weight"}}}`.
 
-validate (the cluster is registered and Running, has the model cache and the GPUs; the
-version's weight and the others' share sum to 100) -> the *cluster's* lease (no cluster flow
-runs meanwhile) -> policy `deploy_endpoint` -> record the version (Deploying) and the weights
--> deploy (Kubernetes: a Deployment per version and the router's weights; static nodes: a Ray
-Serve application) -> wait until every replica is ready -> Running, or Failed naming what is
-not ready. Re-running converges; deploying a version again with another `traffic_weight`
+`admit`: validate (the cluster is registered and Running, has the model cache and the GPUs;
+the version's weight and the others' share sum to 100) -> the *cluster's* lease (no cluster
+flow runs meanwhile) -> policy `deploy_endpoint` -> record the version (Deploying) and the
+weights. Then `deploy` (Kubernetes: a Deployment per version and the router's weights; static nodes: a Ray
+Serve application) -> `wait_ready`: every replica ready -> Running, or Failed naming what is
+not ready; `release_lease` (teardown, whatever happened) and `watcher`. Re-running converges; deploying a version again with another `traffic_weight`
 shifts traffic without restarting anything.
 
-`"dry_run": true`: the action and the policies' decisions are reported by `validate`; nothing
+`"dry_run": true`: the action and the policies' decisions are reported by `admit`; nothing
 else runs. Each run announces the version's phase on the asset `airfleet://endpoint/<name>`.
 """
 
@@ -28,15 +28,11 @@ from airfleet_airflow import flow
      params=ep.endpoint_params("endpoint_deploy"), default_args=flow.DEFAULT_ARGS,
      doc_md=__doc__)
 def airfleet_endpoint_deploy():
-    checked = ep.validate("endpoint_deploy")
-    lease = ep.acquire_lease(checked)
-    approved = ep.policy_precheck(checked)
+    admitted = ep.admit("endpoint_deploy")
     ep.guarded(
-        lease, checked,
-        approved,
-        ep.record(approved, lease),
-        ep.deploy(approved, lease),
-        ep.EndpointReadyOperator(task_id="wait_ready", checked=approved, lease=lease),
+        admitted,
+        ep.deploy(admitted),
+        ep.EndpointReadyOperator(task_id="wait_ready", checked=admitted),
     )
 
 

@@ -3,12 +3,14 @@
 
 Conf: `{"name": "...", "replicas": N}` (and `"version"` when the endpoint has more than one).
 
-validate (the endpoint is registered; the cluster holds that many replicas' GPUs) -> the
-cluster's lease -> policy `scale_endpoint` (input: the version, from, to) -> record the
-replicas (Deploying) -> deploy -> wait until every replica is ready -> Running. Scaling to 0
+`admit`: validate (the endpoint is registered; the cluster holds that many replicas' GPUs)
+-> the cluster's lease -> policy `scale_endpoint` (input: the version, from, to) -> record the
+replicas (Deploying). Then `deploy` -> `wait_ready`: every replica ready -> Running;
+`release_lease` (teardown, whatever happened) and `watcher`. Scaling to 0
 keeps the version (and its weight) with no engine running.
 
-`"dry_run": true`: the action and the policies' decisions are reported; nothing else runs.
+`"dry_run": true`: the action and the policies' decisions are reported by `admit`; nothing
+else runs.
 """
 
 from __future__ import annotations
@@ -23,15 +25,11 @@ from airfleet_airflow import flow
      params=ep.endpoint_params("endpoint_scale"), default_args=flow.DEFAULT_ARGS,
      doc_md=__doc__)
 def airfleet_endpoint_scale():
-    checked = ep.validate("endpoint_scale")
-    lease = ep.acquire_lease(checked)
-    approved = ep.policy_precheck(checked)
+    admitted = ep.admit("endpoint_scale")
     ep.guarded(
-        lease, checked,
-        approved,
-        ep.record(approved, lease),
-        ep.deploy(approved, lease),
-        ep.EndpointReadyOperator(task_id="wait_ready", checked=approved, lease=lease),
+        admitted,
+        ep.deploy(admitted),
+        ep.EndpointReadyOperator(task_id="wait_ready", checked=admitted),
     )
 
 

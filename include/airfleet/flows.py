@@ -2,8 +2,9 @@
 
 Shape of a mutating flow (the DAGs in ``dags/`` wire these as tasks)::
 
-    validate -> acquire lease (setup) -> policy pre-check -> backend steps -> finish
-             -> release lease (teardown, runs whatever happened) ; watcher
+    admit (validate -> acquire lease -> policy pre-check -> first writes, in one task)
+        -> backend steps -> finish -> release lease (teardown, runs whatever happened)
+        ; watcher
 
 - ``validate`` only reads: a bad request fails here, before any lease or row exists.
 - Every write after it carries the lease's fencing token, so a run whose lease was taken over
@@ -182,6 +183,13 @@ def release(store: Store, lease: LeaseRef) -> None:
                     lease.name)
 
 
+def held_by(store: Store, holder: str) -> list[LeaseRef]:
+    """The leases ``holder`` (a run) holds now, whatever it managed to tell before it ended:
+    the teardown frees them even when the task that took one failed right after."""
+    return [LeaseRef(lease.name, holder, lease.token) for lease in store.leases()
+            if lease.holder == holder]
+
+
 ANNOUNCED_PHASES = (Phase.RUNNING, Phase.FAILED, Phase.DELETED)
 
 
@@ -196,6 +204,28 @@ def ended_in(store: Store, lease: LeaseRef) -> Phase | None:
 
 
 # ---- mutating steps -----------------------------------------------------------------------
+
+# The transient phase each flow shows from its first write on (onboard shows none).
+BEGIN = {"create": (Phase.PROVISIONING, "Create"), "update": (Phase.UPDATING, "Update"),
+         "delete": (Phase.DELETING, "Delete")}
+
+
+def admit(action: str, store: Store, lease: LeaseRef, approved: dict[str, Any],
+          vault_put: Callable[[str, str], str] | None = None) -> bool:
+    """The run's first writes, once it holds the lease and the policies allowed it: record
+    the cluster (create, onboard) or the desired spec (update), then show the flow's
+    transient phase. Returns False when there is nothing to do (a delete of a cluster that is
+    not registered: already gone)."""
+    if action in ("create", "onboard"):
+        register(store, lease, approved["request"], vault_put)
+    elif action == "update":
+        record_desired(store, lease, approved["request"], vault_put)
+    elif store.get_cluster(lease.name) is None:
+        return False
+    if action in BEGIN:
+        begin(store, lease, *BEGIN[action])
+    return True
+
 
 def register(store: Store, lease: LeaseRef, request: dict[str, Any],
              vault_put: Callable[[str, str], str] | None = None) -> ClusterRecord:

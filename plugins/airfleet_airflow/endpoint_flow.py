@@ -1,6 +1,7 @@
 """The tasks of the endpoint flows (deploy, scale, delete): thin over
-:mod:`airfleet.endpoint_flows`, wired like the cluster flows (:mod:`.flow`): validate, the
-cluster's lease as setup and teardown, the policy pre-check, a watcher.
+:mod:`airfleet.endpoint_flows`, wired like the cluster flows (:mod:`.flow`): ``admit``
+(validate, the cluster's lease, the policy pre-check, the version recorded), the steps, the
+lease release as teardown, a watcher.
 
 Each flow announces the phase it leaves the endpoint's version in (Running, Failed, Deleted)
 as an event of the asset ``airfleet://endpoint/<name>``.
@@ -23,7 +24,16 @@ from airflow.sdk import (
 from airflow.sdk.bases.operator import chain
 
 from airfleet.endpoints import ENDPOINT_CONF, endpoint_param_schemas
-from airfleet_airflow.flow import _holder, _store, params_of, permanent_error, say, watcher
+from airfleet_airflow.flow import (
+    ADMIT,
+    _holder,
+    _store,
+    params_of,
+    permanent_error,
+    release_run,
+    say,
+    watcher,
+)
 
 ENDPOINTS = AssetAlias("airfleet-endpoints")
 
@@ -43,16 +53,27 @@ def _lease(data: dict[str, Any]):
     return LeaseRef.from_dict(data)
 
 
-@task.short_circuit
-def validate(flow: str) -> dict[str, Any] | None:
-    """Check the conf against the models, the store and the cluster's record; writes nothing.
-    A dry run reports the action and the policies' decisions and skips the rest; so does a
-    delete of an endpoint that is not registered (nothing to do)."""
-    from airfleet import endpoint_flows
+@task.short_circuit(task_id=ADMIT)
+def admit(flow: str) -> dict[str, Any] | None:
+    """Everything a run does before the cluster, in one task (each task costs a process):
+    validate the conf against the models, the store and the cluster's record (reads only: a
+    bad request fails here and changes nothing; a dry run reports the action and the
+    policies' decisions and skips the rest, and so does a delete of an endpoint that is not
+    registered), take the *cluster's* lease (no cluster flow runs meanwhile), the policy
+    pre-check (a deny fails the run before any change), then record the version (deploy,
+    scale: Deploying, and the weights).
+
+    Returns what validate found with the policies' decisions and ``lease``. What validate
+    found is also told at once (XCom ``checked``), so the lease teardown knows the endpoint
+    even when this task failed after taking the lease."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airfleet import endpoint_flows, flows
 
     context = get_current_context()
     params = context["params"]
     conf = {key: params[key] for key in ENDPOINT_CONF[flow].model_fields if key in params}
+    holder = _holder()
     try:
         store = _store()
         checked = endpoint_flows.validate(flow, conf, store)
@@ -60,11 +81,28 @@ def validate(flow: str) -> dict[str, Any] | None:
             say(f"endpoint {checked['name']} is not registered: nothing to delete")
             print(f"endpoint {checked['name']} is not registered: nothing to delete")
             return None
-        if not checked["dry_run"]:
-            return checked
-        report = endpoint_flows.precheck(store, checked, run=_holder())
+        if checked["dry_run"]:
+            return _dry_run(context, endpoint_flows.precheck(store, checked, run=holder))
+        context["ti"].xcom_push(key="checked", value=checked)
+        lease = flows.acquire(store, checked["cluster"], holder)
+        approved = endpoint_flows.precheck(store, checked, run=holder)
     except Exception as exc:
         raise permanent_error(exc) from None
+    for d in approved["decisions"]:
+        print(f"policy {d['policy'] or '-'}: {d['action']} "
+              f"{'allowed' if d['allowed'] else 'DENIED'}: {d['reason']}")
+    if approved["denied"]:
+        say("denied by policy: " + "; ".join(approved["denied"]))
+        raise AirflowFailException("denied by policy: " + "; ".join(approved["denied"]))
+    if flow != "endpoint_delete":
+        try:
+            endpoint_flows.record(store, lease, approved)
+        except Exception as exc:
+            raise permanent_error(exc) from None
+    return {**approved, "lease": lease.to_dict()}
+
+
+def _dry_run(context: Any, report: dict[str, Any]) -> None:
     for d in report["decisions"]:
         print(f"dry run: policy {d['policy'] or '-'}: {d['action']} "
               f"{'allowed' if d['allowed'] else 'DENIED'}: {d['reason']}")
@@ -74,64 +112,24 @@ def validate(flow: str) -> dict[str, Any] | None:
     say("dry run: " + ("allowed" if not report["denied"] else
                        "would be denied: " + "; ".join(report["denied"]))
         + "; nothing was changed")
-    print("dry run: nothing was changed; the tasks after validate are skipped")
+    print("dry run: nothing was changed; the tasks after admit are skipped")
     return None
 
 
 @task
-def acquire_lease(checked: dict[str, Any]) -> dict[str, Any]:
-    """The lease of the endpoint's cluster: no cluster flow runs meanwhile."""
-    from airfleet import flows
-
-    try:
-        return flows.acquire(_store(), checked["cluster"], _holder()).to_dict()
-    except Exception as exc:
-        raise permanent_error(exc) from None
-
-
-@task
-def policy_precheck(checked: dict[str, Any]) -> dict[str, Any]:
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from airfleet import endpoint_flows
-
-    try:
-        approved = endpoint_flows.precheck(_store(), checked, run=_holder())
-    except Exception as exc:
-        raise permanent_error(exc) from None
-    for d in approved["decisions"]:
-        print(f"policy {d['policy'] or '-'}: {d['action']} "
-              f"{'allowed' if d['allowed'] else 'DENIED'}: {d['reason']}")
-    if approved["denied"]:
-        say("denied by policy: " + "; ".join(approved["denied"]))
-        raise AirflowFailException("denied by policy: " + "; ".join(approved["denied"]))
-    return approved
-
-
-@task
-def record(checked: dict[str, Any], lease: dict[str, Any]) -> None:
-    from airfleet import endpoint_flows
-
-    try:
-        endpoint_flows.record(_store(), _lease(lease), checked)
-    except Exception as exc:
-        raise permanent_error(exc) from None
-
-
-@task
-def deploy(checked: dict[str, Any], lease: dict[str, Any]) -> None:
+def deploy(admitted: dict[str, Any]) -> None:
     """The version's engines created or changed, and the router's weights, on the cluster."""
     from airfleet import endpoint_flows
     from airfleet_airflow.clients import clients_for
 
     try:
-        endpoint_flows.deploy(_store(), _lease(lease), checked, clients_for)
+        endpoint_flows.deploy(_store(), _lease(admitted["lease"]), admitted, clients_for)
     except Exception as exc:
         raise permanent_error(exc) from None
 
 
 @task
-def delete(checked: dict[str, Any], lease: dict[str, Any]) -> None:
+def delete(admitted: dict[str, Any]) -> None:
     """Route away from the versions, remove their engines, and verify they are gone."""
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -139,14 +137,15 @@ def delete(checked: dict[str, Any], lease: dict[str, Any]) -> None:
     from airfleet_airflow.clients import clients_for
 
     try:
-        left = endpoint_flows.delete(_store(), _lease(lease), checked, clients_for)
+        left = endpoint_flows.delete(_store(), _lease(admitted["lease"]), admitted,
+                                     clients_for)
     except Exception as exc:
         raise permanent_error(exc) from None
-    versions = ", ".join(checked["deleting"])
+    versions = ", ".join(admitted["deleting"])
     if left:
-        say(f"endpoint {checked['name']}: left behind: {'; '.join(left)}")
+        say(f"endpoint {admitted['name']}: left behind: {'; '.join(left)}")
         raise AirflowFailException(f"left behind: {'; '.join(left)}")
-    say(f"endpoint {checked['name']} {versions} deleted: engines verified gone")
+    say(f"endpoint {admitted['name']} {versions} deleted: engines verified gone")
 
 
 class EndpointReadyOperator(BaseOperator):
@@ -155,8 +154,8 @@ class EndpointReadyOperator(BaseOperator):
     are looks in this task; a longer wait moves to the triggerer
     (:class:`~airfleet_airflow.triggers.EndpointProbeTrigger`, which renews the lease).
 
-    :param checked: what ``validate`` returned (the endpoint and its version).
-    :param lease: the flow's lease (the ``acquire_lease`` XCom).
+    :param checked: what ``admit`` returned (the endpoint, its version, the lease).
+    :param lease: the flow's lease; None: ``checked["lease"]``.
     :param inline_seconds: looks in the task before deferring (default
         ``AIRFLEET_READY_INLINE_SECONDS``).
     :param poll_interval: seconds between looks.
@@ -164,7 +163,7 @@ class EndpointReadyOperator(BaseOperator):
 
     template_fields = ("checked", "lease")
 
-    def __init__(self, *, checked: Any, lease: Any, inline_seconds: float | None = None,
+    def __init__(self, *, checked: Any, lease: Any = None, inline_seconds: float | None = None,
                  poll_interval: float = 2.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.checked = checked
@@ -178,6 +177,8 @@ class EndpointReadyOperator(BaseOperator):
         from airfleet import config, endpoint_flows
         from airfleet_airflow.triggers import EndpointProbeTrigger
 
+        if self.lease is None:
+            self.lease = self.checked["lease"]
         store, ref = _store(), _lease(self.lease)
         total = endpoint_flows.ready_timeout(store, ref)
         deadline = time.time() + total
@@ -202,6 +203,8 @@ class EndpointReadyOperator(BaseOperator):
         from airfleet_airflow.operators import _fail_if_lease_lost
 
         _fail_if_lease_lost(event)
+        if self.lease is None:
+            self.lease = self.checked["lease"]
         store = _store()
         self._finish(store, self._look(store))
 
@@ -229,25 +232,33 @@ class EndpointReadyOperator(BaseOperator):
 
 
 @task(trigger_rule=TriggerRule.ALL_DONE, outlets=[ENDPOINTS])
-def release_lease(lease: dict[str, Any], checked: dict[str, Any]) -> None:
-    """Free the cluster's lease (whatever happened): a version this run left Deploying is
-    Failed; then announce each version's phase as an event of the endpoint's asset."""
-    from airfleet import endpoint_flows, flows
+def release_lease() -> None:
+    """Free the cluster's lease (whatever happened, even when ``admit`` failed after taking
+    it): a version this run left Deploying is Failed; then announce each version's phase as
+    an event of the endpoint's asset."""
+    from airfleet import endpoint_flows
 
-    store, ref = _store(), _lease(lease)
-    ended = endpoint_flows.release(store, ref, checked)
-    flows.release(store, ref)
-    asset = endpoint_asset(checked["name"])
-    for version, phase in ended.items():
-        get_current_context()["outlet_events"][ENDPOINTS].add(
-            asset, extra={"endpoint": checked["name"], "version": version, "phase": phase,
-                          "cluster": ref.name, "run": ref.holder})
-        print(f"asset event {asset.uri}: {version} {phase}")
+    ti = get_current_context()["ti"]
+    admitted = ti.xcom_pull(task_ids=ADMIT)
+    checked = admitted or ti.xcom_pull(task_ids=ADMIT, key="checked")
+    ended: dict[str, dict[str, str]] = {}
+
+    def versions(store, ref) -> None:
+        if checked:
+            ended[ref.name] = endpoint_flows.release(store, ref, checked)
+
+    for ref in release_run(admitted and admitted["lease"], before=versions):
+        asset = endpoint_asset(checked["name"])
+        for version, phase in ended.get(ref.name, {}).items():
+            get_current_context()["outlet_events"][ENDPOINTS].add(
+                asset, extra={"endpoint": checked["name"], "version": version,
+                              "phase": phase, "cluster": ref.name, "run": ref.holder})
+            print(f"asset event {asset.uri}: {version} {phase}")
 
 
-def guarded(lease, checked, *steps) -> None:
-    """``lease -> steps``, the lease release as their teardown, and a watcher."""
-    release = release_lease(lease, checked).as_teardown(setups=lease)
-    chain(lease, *steps, release)
-    steps[-1] >> release
-    list(steps) >> watcher()
+def guarded(admitted, *steps) -> None:
+    """``admit -> steps``, the lease release as their teardown (no setup: see
+    :func:`airfleet_airflow.flow.guarded`), and a watcher."""
+    release = release_lease().as_teardown()
+    chain(admitted, *steps, release)
+    [admitted, *steps] >> watcher()

@@ -98,77 +98,106 @@ def _vault_put():
     return Vault.default().put_sealed
 
 
-@task.short_circuit
-def validate(action: str) -> dict[str, Any] | None:
-    """Check the conf against the models and the backend; reads only, writes nothing.
+ADMIT = "admit"  # the first task's id: its XCom is the run's lease
 
-    A dry run ends here: it reports the run's actions and the policies' decisions (log and
-    XCom ``dry_run``) and skips every later task, so no lease is taken and nothing changes."""
+
+@task.short_circuit(task_id=ADMIT)
+def admit(action: str) -> dict[str, Any] | None:
+    """Everything a run does before the backend, in one task (each task costs a process):
+
+    1. validate the conf against the models and the backend (reads only: a bad request
+       fails here and changes nothing). A dry run ends here: it reports the run's actions
+       and the policies' decisions (log and XCom ``dry_run``) and skips every later task, so
+       no lease is taken and nothing changes;
+    2. take the cluster's lease (held by another run: fail, nothing changed);
+    3. every bound policy judges each action of the run (recorded in the audit trail); a
+       deny fails the run before any change to the cluster;
+    4. the first writes: record the cluster (create, onboard; sealed credentials go to the
+       vault) or the desired spec (update), then the flow's transient phase (Provisioning,
+       Updating, Deleting). A delete of a cluster that is not registered skips the rest.
+
+    Returns the lease (name, holder, token; a delete adds ``force``). The lease teardown
+    finds what this run holds by its holder, so it frees the lease even when this task
+    failed after taking it."""
+    from airflow.sdk.exceptions import AirflowFailException
+
     from airfleet import flows
     from airfleet_airflow.clients import clients_for
 
     context = get_current_context()
     params = context["params"]
     conf = {key: params[key] for key in FLOW_CONF[action].model_fields if key in params}
+    holder = _holder()
     try:
         store = _store()
         # Credentials resolve, and the backend's preflight passes, before anything is touched.
         checked = flows.validate(action, conf, store, clients_for)
-        if not checked["dry_run"]:
-            return checked
-        report = flows.precheck(store, checked, run=_holder())
+        if checked["dry_run"]:
+            report = flows.precheck(store, checked, run=holder)
+        else:
+            lease = flows.acquire(store, checked["name"], holder)
+            approved = flows.precheck(store, checked, run=holder)
     except Exception as exc:
         raise permanent_error(exc) from None
-    _print_decisions(report, "dry run: ")
-    context["ti"].xcom_push(key="dry_run", value={
-        "actions": report["actions"], "decisions": report["decisions"],
-        "allowed": not report["denied"], "request": report["request"]})
-    print("dry run: nothing was changed; the tasks after validate are skipped")
-    return None
-
-
-@task
-def acquire_lease(checked: dict[str, Any]) -> dict[str, Any]:
-    from airfleet import flows
-
-    try:
-        return flows.acquire(_store(), checked["name"], _holder()).to_dict()
-    except Exception as exc:
-        raise permanent_error(exc) from None
-
-
-@task(trigger_rule=TriggerRule.ALL_DONE, outlets=[CLUSTERS])
-def release_lease(lease: dict[str, Any]) -> None:
-    """Free the lease (whatever happened), then announce the phase the run ended in."""
-    from airfleet import flows
-
-    store, ref = _store(), _lease(lease)
-    flows.release(store, ref)
-    phase = flows.ended_in(store, ref)
-    if phase is not None:
-        asset = cluster_asset(ref.name)
-        get_current_context()["outlet_events"][CLUSTERS].add(
-            asset, extra={"cluster": ref.name, "phase": phase.value, "run": ref.holder})
-        print(f"asset event {asset.uri}: {phase.value}")
-
-
-@task
-def policy_precheck(checked: dict[str, Any]) -> dict[str, Any]:
-    """Every bound policy judges each action of the run; a deny fails the run before any
-    change. Returns ``checked`` with the request as the policies changed it."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from airfleet import flows
-
-    try:
-        approved = flows.precheck(_store(), checked, run=_holder())
-    except Exception as exc:
-        raise permanent_error(exc) from None
+    if checked["dry_run"]:
+        _print_decisions(report, "dry run: ")
+        context["ti"].xcom_push(key="dry_run", value={
+            "actions": report["actions"], "decisions": report["decisions"],
+            "allowed": not report["denied"], "request": report["request"]})
+        print("dry run: nothing was changed; the tasks after admit are skipped")
+        return None
     _print_decisions(approved)
     if approved["denied"]:
         say("denied by policy: " + "; ".join(approved["denied"]))
         raise AirflowFailException("denied by policy: " + "; ".join(approved["denied"]))
-    return approved
+    try:
+        if not flows.admit(action, store, lease, approved, _vault_put()):
+            say(f"cluster {lease.name} is not registered: nothing to delete")
+            print(f"cluster {lease.name} is not registered: nothing to delete")
+            return None
+    except Exception as exc:
+        raise permanent_error(exc) from None
+    if action == "delete":
+        return {**lease.to_dict(), "force": checked["force"]}
+    return lease.to_dict()
+
+
+def release_run(admitted: dict[str, Any] | None, before=None) -> list[Any]:
+    """Free every lease this run holds (``admitted``: the lease its admit task returned, when
+    it got that far): the store's leases held by ``<dag_id>/<run_id>``, so a lease taken by a
+    task that failed right after is freed too. ``before(store, ref)`` runs first, under the
+    lease. Raises AirflowSkipException when the run took none (a bad conf, a dry run, a
+    lease held by another run). Returns the leases."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from airfleet import flows
+
+    store = _store()
+    refs = {ref.name: ref for ref in flows.held_by(store, _holder())}
+    if admitted and admitted["name"] not in refs:  # taken over meanwhile: said by release
+        refs[admitted["name"]] = _lease(admitted)
+    if not refs:
+        raise AirflowSkipException("this run took no lease: nothing to release")
+    for ref in refs.values():
+        if before is not None:
+            before(store, ref)
+        flows.release(store, ref)
+    return list(refs.values())
+
+
+@task(trigger_rule=TriggerRule.ALL_DONE, outlets=[CLUSTERS])
+def release_lease() -> None:
+    """Free the lease (whatever happened), then announce the phase the run ended in."""
+    from airfleet import flows
+
+    store = _store()
+    for ref in release_run(get_current_context()["ti"].xcom_pull(task_ids=ADMIT)):
+        phase = flows.ended_in(store, ref)
+        if phase is not None:
+            asset = cluster_asset(ref.name)
+            get_current_context()["outlet_events"][CLUSTERS].add(
+                asset, extra={"cluster": ref.name, "phase": phase.value, "run": ref.holder})
+            print(f"asset event {asset.uri}: {phase.value}")
 
 
 def _print_decisions(checked: dict[str, Any], prefix: str = "") -> None:
@@ -183,39 +212,6 @@ def _print_decisions(checked: dict[str, Any], prefix: str = "") -> None:
 
 
 @task
-def register(checked: dict[str, Any], lease: dict[str, Any]) -> int:
-    """Record the cluster (sealed credentials go to the vault); returns its generation."""
-    from airfleet import flows
-
-    try:
-        return flows.register(_store(), _lease(lease), checked["request"], _vault_put()).generation
-    except Exception as exc:
-        raise permanent_error(exc) from None
-
-
-@task
-def record_desired(checked: dict[str, Any], lease: dict[str, Any]) -> int:
-    from airfleet import flows
-
-    try:
-        return flows.record_desired(_store(), _lease(lease), checked["request"],
-                                    _vault_put()).generation
-    except Exception as exc:
-        raise permanent_error(exc) from None
-
-
-@task
-def begin(lease: dict[str, Any], phase: str, reason: str) -> None:
-    from airfleet import flows
-    from airfleet.resources import Phase
-
-    try:
-        flows.begin(_store(), _lease(lease), Phase(phase), reason)
-    except Exception as exc:
-        raise permanent_error(exc) from None
-
-
-@task
 def backend_step(lease: dict[str, Any], verb: str) -> None:
     """One backend verb (provision, apply, query, detect_accelerators)."""
     from airfleet import flows
@@ -225,24 +221,6 @@ def backend_step(lease: dict[str, Any], verb: str) -> None:
         flows.run_verb(_store(), _lease(lease), verb, clients_for)
     except Exception as exc:
         raise permanent_error(exc) from None
-
-
-@task
-def finish(lease: dict[str, Any], phase: str, reason: str) -> None:
-    from airfleet import flows
-    from airfleet.resources import Phase
-
-    flows.finish(_store(), _lease(lease), Phase(phase), reason)
-
-
-@task.short_circuit
-def is_registered(lease: dict[str, Any]) -> bool:
-    """Delete of a cluster that is not (or no longer) registered is already done."""
-    if _store().get_cluster(lease["name"]) is None:
-        say(f"cluster {lease['name']} is not registered: nothing to delete")
-        print(f"cluster {lease['name']} is not registered: nothing to delete")
-        return False
-    return True
 
 
 @task
@@ -260,9 +238,12 @@ def watcher() -> None:
     raise AirflowFailException("a step of this run failed; see the failed task's log")
 
 
-def guarded(lease, *steps) -> None:
-    """Wire ``lease -> steps`` in order, the lease release as their teardown, and a watcher."""
-    release = release_lease(lease).as_teardown(setups=lease)
-    chain(lease, *steps, release)
-    steps[-1] >> release
-    list(steps) >> watcher()
+def guarded(admitted, *steps) -> None:
+    """Wire ``admit -> steps`` in order, the lease release as their teardown, and a watcher.
+
+    The teardown has no setup task: a setup that failed would skip its teardown, and admit
+    may fail after it took the lease (a policy deny). It runs once everything before it is
+    done, and finds the lease by the run that holds it."""
+    release = release_lease().as_teardown()
+    chain(admitted, *steps, release)
+    [admitted, *steps] >> watcher()

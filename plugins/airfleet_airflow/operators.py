@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator
 # Extra time the deferral may take beyond the drain deadline before Airflow fails the task
 # (the trigger itself reports the deadline; this only guards against a lost trigger).
 DEFER_MARGIN = timedelta(minutes=10)
-LEASE_TASK = "acquire_lease"  # the task id of airfleet_airflow.flow.acquire_lease
+LEASE_TASK = "admit"  # the task id of airfleet_airflow.flow.admit (its XCom: the lease)
 
 
 def _fail_if_lease_lost(event: dict[str, Any] | None) -> None:
@@ -55,7 +55,7 @@ class DetectAcceleratorsOperator(_FlowOperator):
     Kubernetes: node labels and allocatable resources. Runs before set-up, so Ray nodes start
     with the GPUs found.
 
-    :param lease: the flow's lease (the ``acquire_lease`` XCom).
+    :param lease: the flow's lease (the ``admit`` XCom).
     """
 
     def execute(self, context: Any) -> dict[str, Any]:
@@ -75,7 +75,7 @@ class RayDrainNodesOperator(_FlowOperator):
     task). A node still busy at the deadline is stopped by force, and its status says so. With
     nothing removed, the task succeeds at once.
 
-    :param lease: the flow's lease (the ``acquire_lease`` XCom): every write is fenced by it.
+    :param lease: the flow's lease (the ``admit`` XCom): every write is fenced by it.
     :param poll_interval: seconds between dashboard probes while waiting.
     """
 
@@ -126,15 +126,19 @@ class WaitReadyOperator(_FlowOperator):
     so no worker slot is held through image pulls. The last look is recorded: not ready at the
     deadline fails the task, and the cluster, naming each component that is not.
 
-    :param lease: the flow's lease (the ``acquire_lease`` XCom).
+    :param lease: the flow's lease (the ``admit`` XCom).
+    :param finish: ``(phase, reason)`` to record once ready (the flow's outcome, e.g.
+        ``("Running", "Created")``), or None to record nothing more.
     :param inline_seconds: how long to watch in the task before deferring (default
         ``AIRFLEET_READY_INLINE_SECONDS``, 30).
     :param poll_interval: seconds between looks while deferred.
     """
 
-    def __init__(self, *, lease: Any, inline_seconds: float | None = None,
-                 poll_interval: float = 5.0, **kwargs: Any) -> None:
+    def __init__(self, *, lease: Any, finish: tuple[str, str] | None = None,
+                 inline_seconds: float | None = None, poll_interval: float = 5.0,
+                 **kwargs: Any) -> None:
         super().__init__(lease=lease, **kwargs)
+        self.finish = finish
         self.inline_seconds = inline_seconds
         self.poll_interval = poll_interval
 
@@ -168,11 +172,24 @@ class WaitReadyOperator(_FlowOperator):
                            method_name="execute_complete",
                            timeout=timedelta(seconds=total) + DEFER_MARGIN)
         self._verb("wait_ready", timeout=max(0.0, deadline - time.time()))
+        self._finish()
 
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> None:
         _fail_if_lease_lost(event)
         self.log.info("readiness wait ended: %s", (event or {}).get("message", "no event"))
         self._verb("wait_ready", timeout=0)
+        self._finish()
+
+    def _finish(self) -> None:
+        from airfleet import flows
+        from airfleet.resources import Phase
+        from airfleet.store import Store
+
+        if self.finish is None:
+            return
+        phase, reason = self.finish
+        flows.finish(Store(), flows.LeaseRef.from_dict(self.lease), Phase(phase), reason)
+        self.log.info("cluster %s: %s (%s)", self.lease["name"], phase, reason)
 
 
 class CloudReconcileOperator(_FlowOperator):
@@ -186,19 +203,22 @@ class CloudReconcileOperator(_FlowOperator):
     deferral. A wait that fails (a node group CREATE_FAILED, an AKS operation Failed) fails
     the task, and the cluster, with the cloud's own message.
 
-    :param lease: the flow's lease (the ``acquire_lease`` XCom); None: pulled from XCom when
+    :param lease: the flow's lease (the ``admit`` XCom); None: pulled from XCom when
         the task runs (for a task that must not depend on the lease setup directly).
     :param verb: the backend verb.
+    :param then: backend verbs to run, in order, once ``verb`` converged (create: detect the
+        accelerators, then set up, in this task rather than a task each).
     :param poll_interval: seconds between polls in the triggerer (default
         ``AIRFLEET_CLOUD_POLL_SECONDS``, 30).
     """
 
     MAX_PASSES = 100  # a guard: passes that never converge end here, not in a loop
 
-    def __init__(self, *, lease: Any, verb: str, poll_interval: float | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *, lease: Any, verb: str, then: list[str] | tuple[str, ...] = (),
+                 poll_interval: float | None = None, **kwargs: Any) -> None:
         super().__init__(lease=lease, **kwargs)
         self.verb = verb
+        self.then = list(then)
         self.poll_interval = poll_interval
 
     def execute(self, context: Any) -> None:
@@ -218,7 +238,7 @@ class CloudReconcileOperator(_FlowOperator):
         self._pass(passes + 1)
 
     def _resolve_lease(self, context: Any) -> Any:
-        if self.lease is None:  # given no lease: the one this run's acquire_lease took
+        if self.lease is None:  # given no lease: the one this run's admit took
             self.lease = context["ti"].xcom_pull(task_ids=LEASE_TASK)
         return self.lease
 
@@ -244,7 +264,13 @@ class CloudReconcileOperator(_FlowOperator):
         return {}
 
     def _done(self) -> None:
-        """After the last pass."""
+        """After the last pass: the ``then`` verbs."""
+        for verb in self.then:
+            self.log.info("%s", verb)
+            found = self._verb(verb)
+            if verb == "detect_accelerators":
+                self.log.info("accelerators: %s in all, by model %s", found.get("count", 0),
+                              found.get("models", {}))
 
     def _fail(self, message: str) -> None:
         from airflow.sdk.exceptions import AirflowFailException
@@ -311,8 +337,8 @@ class TeardownOperator(_FlowOperator):
     What is left fails the run, each item named, with what ``"force": true`` does; with force
     it is recorded and the delete goes on (:func:`airfleet.flows.teardown_left`).
 
-    :param lease: the flow's lease (the ``acquire_lease`` XCom).
-    :param checked: what ``validate`` returned (its ``force``).
+    :param lease: the flow's lease (the ``admit`` XCom).
+    :param checked: what ``admit`` returned (its ``force``).
     :param inline_seconds: how long to look in the task before deferring (default
         ``AIRFLEET_READY_INLINE_SECONDS``, 30).
     :param poll_interval: seconds between looks.

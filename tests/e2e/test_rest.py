@@ -69,7 +69,7 @@ def test_create_then_delete_over_rest(client, dags_parsed, airflow):
     run = trigger(client, "airfleet_cluster_create", {"cluster": CLUSTER})
     assert wait_run(client, "airfleet_cluster_create", run.dag_run_id) == "success"
     assert "lease on cluster e2e-a taken" in task_log(client, "airfleet_cluster_create",
-                                                  run.dag_run_id, "acquire_lease")
+                                                  run.dag_run_id, "admit")
     record = store_of(airflow).require_cluster("e2e-a")
     assert record.phase.value == "Running" and len(record.cluster.status.nodes) == 2
     # The scheduler wrote the run's note when the run ended.

@@ -224,7 +224,7 @@ def test_eks_node_group_failure_removes_what_the_run_created(dags, clouds, capfd
     proxy.fail_nodegroup("llm-eks", "gpu")
     dr = run(dags, "airfleet_cluster_create", {"cluster": eks_cluster()})
     assert str(dr.state) == "failed"
-    assert states(dr)["provision"] == "failed" and states(dr)["cleanup_on_failure"] == "success"
+    assert states(dr)["set_up"] == "failed" and states(dr)["cleanup_on_failure"] == "success"
     status = Store().require_cluster("llm-eks").cluster.status
     assert status.phase is Phase.FAILED
     assert "CREATE_FAILED" in status.message and "AsgInstanceLaunchFailures" in status.message
@@ -363,7 +363,7 @@ def test_bad_cloud_specs_are_refused_naming_the_field_before_a_cloud_call(dags, 
 def test_what_the_schema_cannot_say_fails_validate_before_a_cloud_call(dags, clouds, capfd,
                                                                         caplog, cluster, field):
     dr = run(dags, "airfleet_cluster_create", {"cluster": cluster})
-    assert str(dr.state) == "failed" and states(dr)["validate"] == "failed"
+    assert str(dr.state) == "failed" and states(dr)["admit"] == "failed"
     assert field in output(capfd, caplog)
     assert Store().list_clusters(include_deleted=True) == []
     assert clouds["eks"].list_clusters()["clusters"] == [] and clouds["arm"].requests == []

@@ -145,10 +145,10 @@ def test_a_version_that_never_becomes_ready_fails_naming_the_deadline(dags, runn
     ({"traffic_weight": 40}, "endpoint.spec.traffic_weight: v1 is the endpoint's only version"),
     ({"engine_args": {"hf-token": "hf_canary"}}, "endpoint.spec.engine_args.hf-token"),
 ])
-def test_bad_input_is_refused_in_validate_and_nothing_is_written(dags, running, spec, field):
+def test_bad_input_is_refused_in_admit_and_nothing_is_written(dags, running, spec, field):
     dr = deploy(dags, **spec)
     assert str(dr.state) == "failed"
-    assert states(dr)["validate"] == "failed"
+    assert states(dr)["admit"] == "failed"
     assert field in note(dr).splitlines()[0]
     assert writes(running) == []
     assert Store().list_endpoints(include_deleted=True) == []
@@ -161,7 +161,7 @@ def test_scale_beyond_the_gpus_names_replicas(dags, running):
     running.requests.clear()
     dr = run(dags, "airfleet_endpoint_scale", {"name": "chat", "replicas": 3})
     assert str(dr.state) == "failed"
-    assert note(dr).splitlines()[0].startswith("Failed at validate: replicas: 3 replicas of 4")
+    assert note(dr).splitlines()[0].startswith("Failed at admit: replicas: 3 replicas of 4")
     assert writes(running) == []
     assert version("chat", "v1").endpoint.spec.replicas == 1
 
@@ -173,7 +173,10 @@ def test_a_denied_deploy_and_a_dry_run_leave_nothing_behind(dags, running):
                      '"end": "00:01"}]']) == 0
     dr = deploy(dags)
     assert str(dr.state) == "failed"
-    assert states(dr)["policy_precheck"] == "failed"
+    assert states(dr)["admit"] == "failed" and states(dr)["deploy"] == "upstream_failed"
+    # admit took the cluster's lease before the policies said no: the teardown freed it.
+    assert states(dr)["release_lease"] == "success"
+    assert Store().get_lease("llm-a").holder is None
     assert "denied by policy" in note(dr).splitlines()[0]
     assert writes(running) == []
     assert Store().list_endpoints(include_deleted=True) == []
@@ -181,7 +184,7 @@ def test_a_denied_deploy_and_a_dry_run_leave_nothing_behind(dags, running):
     assert cli.main(["policies", "bind", "deploy_endpoint="]) == 0
     dr = run(dags, "airfleet_endpoint_deploy", {**endpoint(), "dry_run": True})
     assert str(dr.state) == "success"
-    assert states(dr)["acquire_lease"] == "skipped"
+    assert {t for t, s in states(dr).items() if s != "skipped"} == {"admit"}
     assert writes(running) == []
     assert Store().list_endpoints(include_deleted=True) == []
 
@@ -234,7 +237,7 @@ def test_a_cluster_that_serves_endpoints_is_deleted_only_with_force(dags, runnin
     running.requests.clear()
     dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a", "force": False})
     assert str(dr.state) == "failed"
-    assert states(dr)["validate"] == "failed"
+    assert states(dr)["admit"] == "failed"
     assert "cluster llm-a serves endpoints chat; delete them first" in note(dr).splitlines()[0]
     assert writes(running) == []
     assert Store().require_cluster("llm-a").phase.value == "Running"

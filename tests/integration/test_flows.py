@@ -91,7 +91,7 @@ def test_a_failing_step_fails_the_run_records_why_and_still_releases(dags, fake)
 
     assert str(dr.state) == "failed"
     s = states(dr)
-    assert s["apply"] == "failed" and s["running"] == "upstream_failed"
+    assert s["set_up"] == "failed" and s["wait_ready"] == "upstream_failed"
     assert s["release_lease"] == "success" and s["watcher"] == "failed"
     record = Store().require_cluster("llm-a")
     assert record.phase is Phase.FAILED
@@ -99,6 +99,26 @@ def test_a_failing_step_fails_the_run_records_why_and_still_releases(dags, fake)
     assert fake.calls() == ["provision", "detect_accelerators", "apply"]
     assert transitions("llm-a")[-1] == ("Provisioning", "Failed")
     assert Store().get_lease("llm-a").holder is None
+
+
+def test_admit_failing_after_it_took_the_lease_still_has_it_released(dags, fake, monkeypatch):
+    """The lease teardown finds the lease by the run that holds it: admit told nothing (it
+    failed), yet the lease is freed and the cluster left as the failure left it."""
+    from airfleet import flows
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the store went away mid-admit")
+
+    monkeypatch.setattr(flows, "admit", broken)
+    dr = run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+
+    assert str(dr.state) == "failed"
+    s = states(dr)
+    assert s["admit"] == "failed" and s["set_up"] == "upstream_failed"
+    assert s["release_lease"] == "success" and s["watcher"] == "failed"
+    lease = Store().get_lease("llm-a")
+    assert lease.holder is None and lease.token == 1
+    assert Store().get_cluster("llm-a") is None and fake.calls() == []
 
 
 @pytest.mark.parametrize("mutate, field", [
@@ -121,15 +141,15 @@ def test_bad_conf_is_refused_before_a_run_exists(dags, fake, mutate, field):
     assert_untouched(fake)
 
 
-def test_what_the_schema_cannot_say_fails_the_validate_task_and_touches_nothing(dags, fake,
+def test_what_the_schema_cannot_say_fails_the_admit_task_and_touches_nothing(dags, fake,
                                                                                 capfd, caplog):
     cluster = copy.deepcopy(SSH_CLUSTER)
     cluster["spec"]["config"]["ssh"]["workers"] = ["10.0.0.1"]  # the head again
     dr = run(dags, "airfleet_cluster_create", {"cluster": cluster})
 
     assert str(dr.state) == "failed"
-    assert states(dr)["validate"] == "failed"
-    assert states(dr)["acquire_lease"] == "upstream_failed"
+    assert states(dr)["admit"] == "failed" and states(dr)["set_up"] == "upstream_failed"
+    assert states(dr)["release_lease"] == "skipped"  # no lease was taken
     assert "cluster.spec.config.ssh.workers: the head 10.0.0.1 must not be listed" in output(capfd, caplog)
     assert_untouched(fake)
 
@@ -145,7 +165,7 @@ def test_a_type_without_backend_fails_in_validate_and_touches_nothing(dags, fake
                    "credential": {"airflow_conn_id": "k8s"}}}}}
     dr = run(dags, "airfleet_cluster_create", {"cluster": cluster})
 
-    assert states(dr)["validate"] == "failed"
+    assert states(dr)["admit"] == "failed"
     assert "cluster type kubernetes is not available" in output(capfd, caplog)
     assert_untouched(fake)
 
@@ -154,7 +174,7 @@ def test_a_second_flow_on_a_held_cluster_fails_fast(dags, fake, capfd, caplog):
     Store().acquire_lease("llm-a", "airfleet_cluster_update/someone-else", ttl=600)
     dr = run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
 
-    assert states(dr)["acquire_lease"] == "failed"
+    assert states(dr)["admit"] == "failed" and states(dr)["release_lease"] == "skipped"
     assert "cluster llm-a is held by run airfleet_cluster_update/someone-else" in output(capfd, caplog)
     assert Store().get_cluster("llm-a") is None
     assert fake.calls() == []
@@ -177,7 +197,7 @@ def test_update_records_the_new_generation_and_converges(dags, fake):
 
 def test_update_of_an_unknown_cluster_is_refused(dags, fake, capfd, caplog):
     dr = run(dags, "airfleet_cluster_update", {"cluster": SSH_CLUSTER})
-    assert states(dr)["validate"] == "failed"
+    assert states(dr)["admit"] == "failed"
     assert "cluster llm-a is not registered; create or onboard it first" in output(capfd, caplog)
     assert_untouched(fake)
 
@@ -249,7 +269,7 @@ def test_notes_say_why_a_request_was_refused_and_what_was_not_registered(dags, f
     dr = run(dags, "airfleet_cluster_create", {"cluster": bad})
     assert str(dr.state) == "failed"
     first, *rest = _note(dr).splitlines()
-    assert first.startswith("Failed at validate: invalid request: "
+    assert first.startswith("Failed at admit: invalid request: "
                             "cluster.spec.config.ssh.workers: the head 10.0.0.1 must not be listed")
     assert rest == ["Nothing changed."]
 

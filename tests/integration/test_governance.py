@@ -46,7 +46,7 @@ def test_a_denied_add_node_leaves_the_cluster_as_it_was(dags, fake, capfd, caplo
 
     assert str(dr.state) == "failed"
     s = states(dr)
-    assert s["policy_precheck"] == "failed" and s["record_desired"] == "upstream_failed"
+    assert s["admit"] == "failed" and s["scale_node_pools"] == "upstream_failed"
     assert s["release_lease"] == "success"
     assert snapshot() == before and fake.calls() == calls
     assert Store().get_lease("llm-a").holder is None
@@ -66,8 +66,8 @@ def test_a_denied_create_or_onboard_registers_nothing(dags, fake, capfd, caplog,
 
     dr = run(dags, f"airfleet_cluster_{flow}", {"cluster": SSH_CLUSTER})
 
-    assert str(dr.state) == "failed" and states(dr)["policy_precheck"] == "failed"
-    assert states(dr)["register"] == "upstream_failed"
+    assert str(dr.state) == "failed" and states(dr)["admit"] == "failed"
+    assert states(dr)["release_lease"] == "success"
     assert Store().list_clusters(include_deleted=True) == [] and fake.calls() == []
     assert Store().get_lease("llm-a").holder is None
     assert "denied by policy: " in output(capfd, caplog)
@@ -105,7 +105,7 @@ def test_a_dry_create_or_onboard_reports_and_changes_nothing(dags, fake, capfd, 
     dr = run(dags, dag_id, conf)
 
     assert str(dr.state) == "success"
-    assert {t for t, state in states(dr).items() if state != "skipped"} == {"validate"}
+    assert {t for t, state in states(dr).items() if state != "skipped"} == {"admit"}
     store = Store()
     assert store.list_clusters(include_deleted=True) == [] and store.get_lease("llm-a") is None
     assert fake.calls() == [] and decisions() == []
@@ -150,7 +150,7 @@ def test_a_hanging_policy_fails_the_run_within_its_timeout(dags, fake, capfd, ca
     dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a"})
 
     assert str(dr.state) == "failed" and time.monotonic() - started < 60
-    assert states(dr)["policy_precheck"] == "failed" and states(dr)["deleting"] != "success"
+    assert states(dr)["admit"] == "failed" and states(dr)["teardown"] == "upstream_failed"
     assert Store().require_cluster("llm-a").phase.value == "Running"
     assert "policy forever did not answer within 2 s (stopped)" in output(capfd, caplog)
 

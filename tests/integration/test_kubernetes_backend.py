@@ -124,7 +124,7 @@ def test_a_denied_permission_fails_validate_listing_each_and_creates_nothing(dag
     kube.deny("list", "nodes")
     dr = run(dags, "airfleet_cluster_create", {"cluster": cluster(kube)})
     assert str(dr.state) == "failed"
-    assert states(dr)["validate"] == "failed"  # before any lease, row or object
+    assert states(dr)["admit"] == "failed"  # before any lease, row or object
     said = output(capfd, caplog)
     assert f"create apps/deployments (in namespace {ns})" in said
     assert "list nodes (cluster-wide)" in said
@@ -263,7 +263,7 @@ def test_a_credential_that_does_not_resolve_fails_validate_and_touches_nothing(
     change(spec)
     dr = run(dags, "airfleet_cluster_create", {"cluster": spec})
     assert str(dr.state) == "failed"
-    assert states(dr)["validate"] == "failed"
+    assert states(dr)["admit"] == "failed"
     assert field in output(capfd, caplog)
     assert Store().list_clusters(include_deleted=True) == []
     assert kube.requests == []

@@ -144,7 +144,7 @@ def test_a_change_kubernetes_refuses_is_refused_in_validate_naming_the_field(dag
     change(desired["spec"]["model_caches"][0])
     dr = run(dags, "airfleet_cluster_update", {"cluster": desired})
     assert str(dr.state) == "failed"
-    assert states(dr)["validate"] == "failed"
+    assert states(dr)["admit"] == "failed"
     said = output(capfd, caplog)
     assert f"{field}: {why}" in said and "give the cache a new name" in said
     assert writes(kube)[before:] == []
@@ -172,7 +172,7 @@ def test_a_caller_without_watch_endpoints_is_refused_in_validate_and_nothing_is_
     kube.deny("watch", "endpoints")
     dr = run(dags, "airfleet_cluster_create", {"cluster": cluster(kube)})
     assert str(dr.state) == "failed"
-    assert states(dr)["validate"] == "failed"
+    assert states(dr)["admit"] == "failed"
     assert f"watch endpoints (in namespace {NS})" in output(capfd, caplog)
     assert f"watch endpoints (in namespace {NS})" in note(dr).splitlines()[0]
     assert writes(kube) == [] and ours(kube) == []  # not the namespace, not the secret

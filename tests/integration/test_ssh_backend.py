@@ -406,7 +406,7 @@ def test_bad_credential_and_changed_head_are_refused_before_anything(dags, fleet
     spec = cluster(farm, 1)
     spec["spec"]["config"]["ssh"]["credential"] = {"airflow_conn_id": "nope"}
     dr = dags["airfleet_cluster_create"].test(run_conf={"cluster": spec})
-    assert {t.task_id: str(t.state) for t in dr.get_task_instances()}["validate"] == "failed"
+    assert {t.task_id: str(t.state) for t in dr.get_task_instances()}["admit"] == "failed"
     out = capfd.readouterr()
     assert ("cluster.spec.config.ssh.credential: Airflow connection 'nope' does not exist"
             in out.out + out.err + caplog.text)
@@ -417,7 +417,7 @@ def test_bad_credential_and_changed_head_are_refused_before_anything(dags, fleet
     moved = cluster(farm, 0)
     moved["spec"]["config"]["ssh"]["head"] = farm.nodes[1].address
     dr = dags["airfleet_cluster_update"].test(run_conf={"cluster": moved})
-    assert {t.task_id: str(t.state) for t in dr.get_task_instances()}["validate"] == "failed"
+    assert {t.task_id: str(t.state) for t in dr.get_task_instances()}["admit"] == "failed"
     out = capfd.readouterr()
     assert "cluster.spec.config.ssh.head: the head cannot change" in out.out + out.err + caplog.text
     assert Store().require_cluster("static-a").generation == 1

@@ -26,25 +26,25 @@ def test_a_health_check_note_names_each_cluster_that_changed_and_why():
 
 
 def test_a_failed_run_says_where_first_and_a_quiet_one_says_nothing_changed():
-    assert run_note([], failed_tasks=["policy_precheck"]) == (
-        "Failed at policy_precheck: see the failed task's log\nNothing changed.")
+    assert run_note([], failed_tasks=["admit"]) == (
+        "Failed at admit: see the failed task's log\nNothing changed.")
     assert run_note([], dry_run=True) == "Nothing changed (dry run)."
 
 
 def test_the_first_line_of_a_failed_run_says_why_from_the_task_that_failed_first():
     """The UI shows a note's first line only: it carries the reason."""
     refused = "cluster.spec.config.ssh.credential: Airflow connection 'nope' does not exist"
-    note = run_note([], failed_tasks=["validate"], notes={"validate": refused})
-    assert note.splitlines() == [f"Failed at validate: {refused}", "Nothing changed."]
+    note = run_note([], failed_tasks=["admit"], notes={"admit": refused})
+    assert note.splitlines() == [f"Failed at admit: {refused}", "Nothing changed."]
     # No task said why: the reason the cluster was recorded Failed with.
     note = run_note([_event("a", "ApplyFailed", "Updating", "Failed", "apply failed: boom")],
-                    failed_tasks=["apply", "wait_ready"])
-    assert note.splitlines()[0] == "Failed at apply, wait_ready: apply failed: boom"
+                    failed_tasks=["set_up", "wait_ready"])
+    assert note.splitlines()[0] == "Failed at set_up, wait_ready: apply failed: boom"
     assert note.splitlines()[1] == "a: Updating → Failed (apply failed: boom)"
 
 
 def test_what_a_task_said_leads_a_run_that_changed_nothing():
-    note = run_note([], notes={"is_registered": "cluster x is not registered: nothing to delete"})
+    note = run_note([], notes={"admit": "cluster x is not registered: nothing to delete"})
     assert note == "cluster x is not registered: nothing to delete"
     note = run_note([_event("a", "DeletedByForce", "Deleting", "Deleted",
                             "deleted by force; left behind: ns still Terminating")])
