@@ -97,7 +97,7 @@ def dags_parsed(client):
     """Airfleet's DAGs, once the dag-processor has parsed them."""
     import airflow_client.client as af
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # parsing 8 files can take minutes on a busy machine
     while time.monotonic() < deadline:
         dags = af.DAGApi(client).get_dags(tags=["airfleet"]).dags
         if {d.dag_id for d in dags} == DAG_IDS:

@@ -139,7 +139,7 @@ def readme_airflow(tmp_path_factory):
         log.close()
 
 
-def _wait_dags(base: str, headers: dict, timeout: float = 120) -> None:
+def _wait_dags(base: str, headers: dict, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         dags = requests.get(f"{base}/api/v2/dags", params={"tags": "airfleet"}, headers=headers,
