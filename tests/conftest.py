@@ -115,3 +115,74 @@ def store(db_url):
     s.migrate()
     yield s
     s.dispose()
+
+
+# -- `make test` in phases (bin/airfleet-dev `tests`) --------------------------------------------
+# Most modules run side by side on pytest-xdist workers: what they start is their own (free
+# ports, NodeFarm subnets held by lock files, uuid-named PostgreSQL databases, the AIRFLOW_HOME
+# made above per worker process). These tests bound a wait to within about a second of what
+# they expect, so they run in the `serial` phase, with nothing else on the machine's 2 cores.
+SERIAL = {
+    "tests/integration/test_remote.py": {
+        "test_an_unreachable_node_raises_node_unreachable_within_the_connect_timeout",
+        "test_a_command_past_its_timeout_raises_and_is_killed_on_the_node",
+        "test_run_all_returns_the_fast_node_without_waiting_for_the_slow_one"},
+    "tests/integration/test_fake_kube_apiserver.py": {
+        "test_watch_timeout_seconds_ends_the_stream", "test_slow_next_delays_matching_requests"},
+    "tests/integration/test_node_farm.py": {
+        "test_stop_refuses_fast_and_start_comes_back_with_the_same_host_key"},
+    "tests/unit/test_flows.py": {
+        "test_a_fleet_is_probed_concurrently_at_most_concurrency_at_once",
+        "test_a_hanging_cluster_times_out_and_a_slow_one_waits_for_no_write"},
+    "tests/unit/test_fleet_health.py": {
+        "test_a_fleet_is_probed_concurrently_and_a_hanging_cluster_only_times_out"},
+    "tests/unit/plugins/test_triggers.py": {
+        "test_a_silent_dashboard_is_asked_until_the_deadline"},
+}
+# The parallel phase gives each worker a module at a time (`--dist loadfile`: module-scoped
+# NodeFarms and fake servers start once), except that modules sharing a session fixture go
+# together: the e2e REST and fleet-view tests share one Airflow.
+GROUPS = {"tests/e2e/test_rest.py": "e2e-airflow", "tests/e2e/test_fleet_view.py": "e2e-airflow"}
+# The longest work units first, so that the parallel phase does not end with one of them
+# running alone (`--no-loadscope-reorder` keeps this order).
+LONGEST = ["tests/e2e/test_readme.py", "e2e-airflow", "tests/integration/test_ssh_backend.py",
+           "tests/integration/test_endpoints_static.py", "tests/integration/test_flows.py",
+           "tests/integration/test_ssh_containers.py", "tests/integration/test_remote.py",
+           "tests/integration/test_kubernetes_backend.py", "tests/integration/test_cloud_flows.py",
+           "tests/integration/test_endpoints_kubernetes.py", "tests/unit/test_cli.py"]
+
+
+def _unit(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return GROUPS.get(path, path)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.originalname in SERIAL.get(item.nodeid.split("::", 1)[0], ()):
+            item.add_marker(pytest.mark.serial)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike (xdist checks)
+        rank = {unit: i for i, unit in enumerate(LONGEST)}
+        items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(rank)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with GROUPS as units, and a worker's next unit sent only when one test
+    of its current one is left: xdist's default, two, can queue a long module behind the two
+    long last tests of an e2e module."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+        def _reschedule(self, node) -> None:
+            if (not node.shutting_down and self.workqueue
+                    and self._pending_of(self.assigned_work[node]) > 1):
+                return
+            super()._reschedule(node)
+
+    return ModuleScheduling(config, log)
