@@ -121,7 +121,7 @@ def store(db_url):
 # Most modules run side by side on pytest-xdist workers: what they start is their own (free
 # ports, NodeFarm subnets held by lock files, uuid-named PostgreSQL databases, the AIRFLOW_HOME
 # made above per worker process). These tests bound a wait to within about a second of what
-# they expect, so they run in the `serial` phase, with nothing else on the machine's 2 cores.
+# they expect: marked `serial`, they run after the parallel phase, one at a time.
 SERIAL = {
     "tests/integration/test_remote.py": {
         "test_an_unreachable_node_raises_node_unreachable_within_the_connect_timeout",
