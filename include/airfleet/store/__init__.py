@@ -28,9 +28,17 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, delete, event, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 
 from airfleet import config, lifecycle
-from airfleet.errors import Conflict, LeaseHeld, NotFound, StaleFencingToken
+from airfleet.errors import (
+    AirfleetError,
+    Conflict,
+    IllegalTransition,
+    LeaseHeld,
+    NotFound,
+    StaleFencingToken,
+)
 from airfleet.policy import Binding, Decision
 from airfleet.resources import Cluster, ClusterRequest, ClusterStatus, Phase
 from airfleet.store.endpoints import EndpointEvent, EndpointRecord, EndpointStore
@@ -43,7 +51,8 @@ from airfleet.store.tables import (
     SecretRow,
 )
 
-__all__ = ["ClusterRecord", "EndpointEvent", "EndpointRecord", "Event", "Lease", "Store", "now"]
+__all__ = ["ClusterRecord", "EndpointEvent", "EndpointRecord", "Event", "Lease", "StatusWrite",
+           "Store", "now"]
 
 GLOBAL_SCOPE = "*"  # the scope of bindings that hold for every cluster
 
@@ -90,6 +99,16 @@ class ClusterRecord:
     @property
     def phase(self) -> Phase:
         return self.cluster.status.phase
+
+
+@dataclass(frozen=True)
+class StatusWrite:
+    """One cluster's status for :meth:`Store.set_statuses`, and the row version it was
+    judged from."""
+
+    name: str
+    status: ClusterStatus
+    expected_version: int
 
 
 @dataclass(frozen=True)
@@ -333,33 +352,70 @@ class Store(EndpointStore):
 
         ``only_if_newer`` (health checks): skip, returning None, when the recorded status was
         observed at or after this one, so an older observation never overwrites a newer one."""
-        # In UTC: SQLite keeps a datetime's wall clock but not its offset.
-        observed_at = _utc(status.observed_at or now()).astimezone(UTC)
-        status = status.model_copy(update={"observed_at": observed_at, "last_run_id": run_id})
         with self.session() as s:
             if token is not None:
                 self._fence(s, name, token)
             row = self._require_live(s, name)
-            if only_if_newer and row.observed_at and _utc(row.observed_at) >= status.observed_at:
+            if not self._put_status(s, row, status, reason, run_id, expected_version,
+                                    observed_generation, only_if_newer, token):
                 return None
-            current = Phase(row.phase)
-            values: dict[str, Any] = {"status": status.model_dump(mode="json"),
-                                      "phase": status.phase.value,
-                                      "observed_at": status.observed_at}
-            if observed_generation is not None:
-                values["observed_generation"] = observed_generation
-            if status.phase is Phase.DELETED:
-                values["deleted_at"] = now()
-            # Failed -> Failed is history only when the reason changed (a health check that
-            # sees the same failure every 5 minutes adds nothing).
-            if status.phase != current or (status.phase is Phase.FAILED
-                                           and status.message != row.status.get("message")):
-                step = lifecycle.transition(name, current, status.phase, reason=reason,
-                                            run_id=run_id)
-                s.add(_event(row, "Transition", step.from_phase, step.to_phase, reason,
-                             status.message, run_id, token))
-            self._write(s, row, values, expected_version)
             return _record(row)
+
+    def set_statuses(self, writes: list[StatusWrite], *, reason: str, run_id: str | None,
+                     only_if_newer: bool = False) -> list[bool | AirfleetError]:
+        """:meth:`set_status` for many clusters (no lease: health checks) in one transaction,
+        so one commit instead of one per cluster. Each write keeps its own terms (the version
+        it read, a legal transition, ``only_if_newer``) and one that fails does not stop the
+        others: in its place comes True (written), False (a newer status is recorded) or the
+        error (:class:`Conflict`, :class:`NotFound`, :class:`IllegalTransition`)."""
+        results: list[bool | AirfleetError] = []
+        with self.session() as s:
+            names = [w.name for w in writes]
+            rows = {row.name: row for row in s.scalars(
+                select(ClusterRow).where(ClusterRow.name.in_(names),
+                                         ClusterRow.deleted_at.is_(None)))}
+            for w in writes:
+                row = rows.get(w.name)
+                try:
+                    if row is None:
+                        raise NotFound(f"cluster {w.name} is not registered")
+                    results.append(self._put_status(s, row, w.status, reason, run_id,
+                                                    w.expected_version, None, only_if_newer))
+                except (Conflict, NotFound, IllegalTransition) as exc:
+                    results.append(exc)
+        return results
+
+    def _put_status(self, s: Session, row: ClusterRow, status: ClusterStatus, reason: str,
+                    run_id: str | None, expected_version: int | None,
+                    observed_generation: int | None, only_if_newer: bool,
+                    token: int | None = None) -> bool:
+        """One cluster's status write (:meth:`set_status`) inside ``s``; False when skipped
+        because a newer status is recorded. Writes nothing when it raises."""
+        # In UTC: SQLite keeps a datetime's wall clock but not its offset.
+        observed_at = _utc(status.observed_at or now()).astimezone(UTC)
+        status = status.model_copy(update={"observed_at": observed_at, "last_run_id": run_id})
+        if only_if_newer and row.observed_at and _utc(row.observed_at) >= status.observed_at:
+            return False
+        current = Phase(row.phase)
+        values: dict[str, Any] = {"status": status.model_dump(mode="json"),
+                                  "phase": status.phase.value,
+                                  "observed_at": status.observed_at}
+        if observed_generation is not None:
+            values["observed_generation"] = observed_generation
+        if status.phase is Phase.DELETED:
+            values["deleted_at"] = now()
+        # Failed -> Failed is history only when the reason changed (a health check that
+        # sees the same failure every 5 minutes adds nothing).
+        step = None
+        if status.phase != current or (status.phase is Phase.FAILED
+                                       and status.message != row.status.get("message")):
+            step = lifecycle.transition(row.name, current, status.phase, reason=reason,
+                                        run_id=run_id)
+        self._write(s, row, values, expected_version)
+        if step is not None:
+            s.add(_event(row, "Transition", step.from_phase, step.to_phase, reason,
+                         status.message, run_id, token))
+        return True
 
     def transition(self, name: str, phase: Phase, *, reason: str, message: str = "",
                    run_id: str | None, token: int | None = None) -> ClusterRecord:
@@ -408,8 +464,8 @@ class Store(EndpointStore):
         if done.rowcount != 1:
             raise Conflict(f"cluster {row.name} changed since version {read}; re-read it and "
                            "try again")
-        for key, value in values.items():
-            setattr(row, key, value)
+        for key, value in values.items():  # already written: not dirty, no second UPDATE
+            set_committed_value(row, key, value)
 
     # ---- vault secrets (ciphertext only; see airfleet.vault) -----------------------------
 

@@ -16,7 +16,7 @@ from sqlalchemy import MetaData, func, inspect, select
 from airfleet import lifecycle
 from airfleet.errors import Conflict, IllegalTransition, NotFound
 from airfleet.resources import ClusterRequest, ClusterStatus, Phase
-from airfleet.store import Store
+from airfleet.store import StatusWrite, Store
 from airfleet.store.migrations import VERSION_TABLE, current_revision
 from airfleet.store.tables import Base, ClusterRow, EventRow
 
@@ -365,6 +365,60 @@ def test_only_if_newer_compares_instants_not_wall_clocks(store: Store):
         reason="HealthCheck", run_id="health-2", only_if_newer=True)
     assert older is None
     assert store.get_cluster("alpha").phase is Phase.FAILED
+
+
+def test_set_statuses_writes_each_on_its_own_terms_in_one_transaction(store: Store):
+    """A health check's statuses go in groups: each keeps its version check, its legal
+    transition and only_if_newer, and one that fails leaves the others written."""
+    t1 = datetime.now(UTC).replace(microsecond=0)
+    read = {}
+    for name in ("alpha", "bravo", "charlie", "delta", "echo"):
+        store.register_cluster(request(name), run_id="run-1", token=None)
+        read[name] = store.set_status(name, status(Phase.RUNNING, "healthy", t1),
+                                      reason="Ready", run_id="run-1")
+    store.set_status("bravo", status(Phase.RUNNING, "a flow wrote", t1 + timedelta(seconds=1)),
+                     reason="Ready", run_id="flow")  # bravo's read version is now stale
+    store.set_status("delta", status(Phase.DELETING), reason="Delete", run_id="flow")
+    store.set_status("delta", status(Phase.DELETED), reason="Deleted", run_id="flow")
+    probe = t1 + timedelta(seconds=10)
+    writes = [StatusWrite("alpha", status(Phase.FAILED, "GCS down", probe), read["alpha"].version),
+              StatusWrite("bravo", status(Phase.FAILED, "GCS down", probe), read["bravo"].version),
+              StatusWrite("charlie", status(Phase.RUNNING, "old", t1 - timedelta(seconds=5)),
+                          read["charlie"].version),
+              StatusWrite("delta", status(Phase.FAILED, "GCS down", probe), read["delta"].version),
+              StatusWrite("echo", status(Phase.RUNNING, "healthy again", probe),
+                          read["echo"].version)]
+
+    results = store.set_statuses(writes, reason="HealthCheck", run_id="health-1",
+                                 only_if_newer=True)
+
+    assert results[0] is True and results[2] is False and results[4] is True
+    assert isinstance(results[1], Conflict) and isinstance(results[3], NotFound)
+    alpha = store.get_cluster("alpha")
+    assert (alpha.phase, alpha.version) == (Phase.FAILED, read["alpha"].version + 1)
+    assert alpha.cluster.status.last_run_id == "health-1"
+    assert transitions(store, "alpha")[-1] == ("Running", "Failed", "HealthCheck", "health-1")
+    assert store.get_cluster("bravo").cluster.status.message == "a flow wrote"
+    assert store.get_cluster("charlie").cluster.status.message == "healthy"
+    assert store.get_cluster("echo").cluster.status.message == "healthy again"
+    assert [t[1] for t in transitions(store, "echo")] == ["Running"]  # no new history
+
+
+def test_set_statuses_returns_an_illegal_transition_and_writes_the_rest(store: Store):
+    store.register_cluster(request("alpha"), run_id="run-1", token=None)
+    store.register_cluster(request("bravo"), run_id="run-1", token=None)
+    drive(store, "alpha", Phase.RUNNING, Phase.DELETING)
+    running = store.set_status("bravo", status(Phase.RUNNING), reason="Ready", run_id="run-1")
+    deleting = store.get_cluster("alpha")
+
+    results = store.set_statuses(
+        [StatusWrite("alpha", status(Phase.RUNNING, "up"), deleting.version),
+         StatusWrite("bravo", status(Phase.FAILED, "down"), running.version)],
+        reason="HealthCheck", run_id="health-1")
+
+    assert isinstance(results[0], IllegalTransition) and results[1] is True
+    assert store.get_cluster("alpha").version == deleting.version
+    assert store.get_cluster("bravo").phase is Phase.FAILED
 
 
 # ---- listing ------------------------------------------------------------------------------------
