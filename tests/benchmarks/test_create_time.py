@@ -563,7 +563,7 @@ def attribution(direct: list[dict], dag: list[dict]) -> dict[str, float]:
     backend = med.pop("backend apply", 0.0) + med.pop("backend detect_accelerators", 0.0)
     direct_med = statistics.median(r["seconds"] for r in direct)
     prestops = [r["apply_prestop_critical_path"] for r in dag
-                if r["apply_prestop_critical_path"] is not None]
+                if r["apply_prestop_critical_path"]]  # none: the backend ran no `ray stop`
     if prestops:
         prestop = statistics.median(prestops)
         return {**med, "backend detect + apply: `ray stop --force` before each start": prestop,
