@@ -140,16 +140,23 @@ SERIAL = {
         "test_a_silent_dashboard_is_asked_until_the_deadline"},
 }
 # The parallel phase gives each worker a module at a time (`--dist loadfile`: module-scoped
-# NodeFarms and fake servers start once), except that modules sharing a session fixture go
-# together: the e2e REST and fleet-view tests share one Airflow.
-GROUPS = {"tests/e2e/test_rest.py": "e2e-airflow", "tests/e2e/test_fleet_view.py": "e2e-airflow"}
+# NodeFarms and fake servers start once), except that the HEAVY modules form one unit: they
+# start real Ray nodes or a whole Airflow (api-server, scheduler, triggerer) and bound their
+# waits in tens of seconds, and on 2 cores two of them at once were seen to time out. One
+# worker runs them in turn (the e2e REST and fleet-view modules share one Airflow there) while
+# the other takes the unit tests and the modules that drive in-process fakes.
+# In this order; the two sharing a session-scoped Airflow last, so that it stops when they end.
+HEAVY = ["tests/unit/engines/test_mock_engine.py", "tests/integration/test_node_farm.py",
+         "tests/integration/test_remote.py", "tests/integration/test_ssh_containers.py",
+         "tests/integration/test_ssh_backend.py", "tests/integration/test_endpoints_static.py",
+         "tests/e2e/test_readme.py", "tests/e2e/test_fleet_view.py", "tests/e2e/test_rest.py"]
+GROUPS = dict.fromkeys(HEAVY, "heavy")
 # The longest work units first, so that the parallel phase does not end with one of them
 # running alone (`--no-loadscope-reorder` keeps this order).
-LONGEST = ["tests/e2e/test_readme.py", "e2e-airflow", "tests/integration/test_ssh_backend.py",
-           "tests/integration/test_endpoints_static.py", "tests/integration/test_flows.py",
-           "tests/integration/test_ssh_containers.py", "tests/integration/test_remote.py",
-           "tests/integration/test_kubernetes_backend.py", "tests/integration/test_cloud_flows.py",
-           "tests/integration/test_endpoints_kubernetes.py", "tests/unit/test_cli.py"]
+LONGEST = ["heavy", "tests/integration/test_kubernetes_backend.py",
+           "tests/integration/test_cloud_flows.py", "tests/integration/test_kubernetes_updates.py",
+           "tests/integration/test_endpoints_kubernetes.py", "tests/integration/test_flows.py",
+           "tests/unit/test_cli.py"]
 
 
 def _unit(nodeid: str) -> str:
@@ -163,7 +170,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.serial)
     if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike (xdist checks)
         rank = {unit: i for i, unit in enumerate(LONGEST)}
-        items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(rank)))
+        order = {path: i for i, path in enumerate(HEAVY)}
+        items.sort(key=lambda item: (rank.get(_unit(item.nodeid), len(rank)),
+                                     order.get(item.nodeid.split("::", 1)[0], 0)))
 
 
 @pytest.hookimpl(optionalhook=True)
