@@ -283,6 +283,17 @@ def create_dag(dags, farm, spans: Spans) -> dict:
 
 # ---- (c) through a running Airflow: REST, scheduler, executor, task processes ---------------
 
+def run_settings(home: Path, port: int) -> dict[str, str]:
+    """The Airflow settings ``bin/airfleet-dev run`` starts with (``bin/airfleet-dev env``), for
+    this Airflow home and port: the benchmark measures what a user runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AIRFLEET"))}
+    env.update(AIRFLEET_AIRFLOW_HOME=str(home), AIRFLEET_PORT=str(port))
+    out = subprocess.run([str(ROOT / "bin" / "airfleet-dev"), "env"], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    pairs = (line.removeprefix("export ").split("=", 1) for line in out.splitlines())
+    return {k: v for k, v in pairs if k.startswith("AIRFLOW")}
+
+
 @contextlib.contextmanager
 def running_airflow(tmp_path):
     """``airflow standalone`` (api-server, scheduler, dag-processor, triggerer; LocalExecutor,
@@ -296,19 +307,9 @@ def running_airflow(tmp_path):
     (home / "passwords.json").write_text('{"admin": "admin"}\n')
     spans = home / "spans.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(run_settings(home, port))
     env.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db?timeout=30",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
-        "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": base,
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
         CONN_ENV: os.environ[CONN_ENV],
         create_spans.SPANS_ENV: str(spans),
         "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "benchmarks" / "spans_site"),

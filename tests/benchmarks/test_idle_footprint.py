@@ -11,7 +11,8 @@ Two stacks, each started the way a user starts it, on a free port and a private 
 
 Each stack is measured after it is healthy, every DAG is parsed, and it has idled for
 ``IDLE`` seconds (the scheduled health check runs once at the start: idle means no run
-queued). Prints per component and in total and writes ``tests/benchmarks/results/
+queued). The CPU the stack used over that time is printed too (the scheduler polls while
+idle). Prints per component and in total and writes ``tests/benchmarks/results/
 idle_footprint.json``; asserts nothing about memory.
 """
 
@@ -65,6 +66,18 @@ def pss_by_component(root: int) -> dict[str, float]:
     return {name: round(mib, 1) for name, mib in sorted(totals.items())}
 
 
+def cpu_seconds(root: int) -> float:
+    """User + system CPU the stack's processes have used so far."""
+    top, total = psutil.Process(root), 0.0
+    for proc in [top, *top.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
 def postgres_backends_pss(databases: tuple[str, ...]) -> float:
     """PSS of the PostgreSQL backends serving the stack's databases (counted apart)."""
     import psycopg
@@ -94,8 +107,11 @@ def measure(tmp_path: Path, *args: str, databases: tuple[str, ...] = (), **env: 
     try:
         wait_healthy(base, proc, tmp_path / "run.log")
         _wait_parsed(base)
+        cpu = cpu_seconds(proc.pid)
         time.sleep(IDLE)
-        result = {"components_mib": pss_by_component(proc.pid)}
+        # The scheduler loops every scheduler_idle_sleep_time when idle: its price in CPU.
+        result = {"idle_cpu_share_of_one_core": round((cpu_seconds(proc.pid) - cpu) / IDLE, 3),
+                  "components_mib": pss_by_component(proc.pid)}
         if databases:
             result["postgres_backends_mib"] = postgres_backends_pss(databases)
         return result
@@ -152,7 +168,9 @@ def test_idle_footprint(tmp_path):
         result = figures[name]
         parts = ", ".join(f"{k} {v:.0f}" for k, v in result["components_mib"].items())
         print(f"\n[idle] {name}: {result['total_mib']:.0f} MiB PSS after {IDLE:.0f} s idle "
-              f"({parts})" + (f"; PostgreSQL backends {result['postgres_backends_mib']:.0f} "
+              f"({parts}); CPU while idle "
+              f"{result['idle_cpu_share_of_one_core']:.0%} of one core"
+              + (f"; PostgreSQL backends {result['postgres_backends_mib']:.0f} "
                               "MiB apart" if "postgres_backends_mib" in result else ""))
     print(f"[idle] standalone goal < {GOAL_MIB} MiB: "
           f"{'met' if figures['standalone']['goal_met'] else 'NOT met'}")
