@@ -92,6 +92,11 @@ def stack(tmp_path_factory):
                # Not much less: on a busy machine a live task's heartbeat can lag 30 s and more,
                # and the scheduler would kill it.
                AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="120",
+               # A task the killed worker had taken from the queue but not started stays
+               # queued until this (default 600 s: CI saw the kill test take 693 s after the
+               # kill); the scheduler then revokes and requeues it. A task merely waiting for a
+               # slot is requeued too, not failed (Airflow fails it on the third time).
+               AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT="180",
                # A lease its run could not release (its worker died) frees itself in 3 min.
                AIRFLEET_LEASE_SECONDS="180",
                PYTHONPATH=str(ROOT))
@@ -326,7 +331,8 @@ def test_a_worker_killed_mid_run_leaves_no_lease_held_and_no_cluster_stuck(stack
     killed_at = time.time()
     print(f"[scale-out] SIGKILL to worker-1 (pid {pid}) while it ran {victims}")
     # A task the dead worker had taken from the queue but not started comes back only after
-    # the scheduler's [scheduler] task_queued_timeout (600 s): runs may take that long to end.
+    # the scheduler's [scheduler] task_queued_timeout (180 s in this stack): runs may take
+    # that long to end, and longer on a loaded machine.
     states = wait_all(api, updates, timeout=1200)
     (stack["home"] / "fake-state.json").write_text(json.dumps({"delay": DELAY}))
 
