@@ -11,8 +11,8 @@ Two stacks, each started the way a user starts it, on a free port and a private 
 
 Each stack is measured after it is healthy, every DAG is parsed, and it has idled for
 ``IDLE`` seconds (the scheduled health check runs once at the start: idle means no run
-queued). The CPU the stack used over that time is printed too (the scheduler polls while
-idle). Prints per component and in total and writes ``tests/benchmarks/results/
+queued). The CPU the stack's processes used over that time is printed too (the scheduler
+polls while idle); a scheduled health check that runs in the window is counted in it. Prints per component and in total and writes ``tests/benchmarks/results/
 idle_footprint.json``; asserts nothing about memory.
 """
 
@@ -168,8 +168,9 @@ def test_idle_footprint(tmp_path):
         result = figures[name]
         parts = ", ".join(f"{k} {v:.0f}" for k, v in result["components_mib"].items())
         print(f"\n[idle] {name}: {result['total_mib']:.0f} MiB PSS after {IDLE:.0f} s idle "
-              f"({parts}); CPU while idle "
-              f"{result['idle_cpu_share_of_one_core']:.0%} of one core"
+              f"({parts}); CPU over those {IDLE:.0f} s "
+              f"{result['idle_cpu_share_of_one_core']:.0%} of one core (any scheduled run in them "
+              "included)"
               + (f"; PostgreSQL backends {result['postgres_backends_mib']:.0f} "
                               "MiB apart" if "postgres_backends_mib" in result else ""))
     print(f"[idle] standalone goal < {GOAL_MIB} MiB: "
