@@ -265,3 +265,65 @@ def test_an_unreachable_policy_server_denies(folder):
         port = s.getsockname()[1]  # closed when the block ends: nothing listens there
     d = decide(folder, "remote", mode="http", url=f"http://127.0.0.1:{port}/", timeout_seconds=1)
     assert not d.allowed and "is unreachable (ConnectionError)" in d.reason
+
+
+# ---- http mode against OPA's Data API (tests/fakes/opa_server.py: real Rego) ------------------
+
+SHIPPED_REGO = Path(__file__).resolve().parents[2] / "policies" / "opa" / "delete_cluster.rego"
+
+
+@pytest.fixture(scope="module")
+def opa():
+    from tests.fakes.opa_server import OpaServer
+
+    with OpaServer() as server:
+        assert server.put_policy("airfleet/delete_cluster", SHIPPED_REGO.read_text())[0] == 200
+        yield server
+
+
+def delete(folder, opa, document: str, labels: dict) -> policy.Decision:
+    request = {**REQUEST, "action": "delete_cluster", "input": {"force": False},
+               "cluster": {**REQUEST["cluster"], "labels": labels}}
+    binding = Binding("delete_cluster", "prod_guard", mode="http",
+                      url=f"{opa.url}/v1/data/{document}", params={"team": "infra"})
+    return policy.decide([binding], "delete_cluster", request, folder)[0]
+
+
+def test_an_opa_url_gets_the_request_as_input_and_its_result_as_the_decision(folder, opa):
+    denied = delete(folder, opa, "airfleet/delete_cluster/decision", {"env": "prod"})
+    assert not denied.allowed and denied.reason == (
+        "cluster llm-a is labelled env=prod: deleting it needs the label changed first")
+    method, path, body = opa.requests[-1]
+    sent = json.loads(body)
+    assert (method, path) == ("POST", "/v1/data/airfleet/delete_cluster/decision")
+    assert list(sent) == ["input"] and sent["input"]["action"] == "delete_cluster"
+    assert sent["input"]["params"] == {"team": "infra"}
+    allowed = delete(folder, opa, "airfleet/delete_cluster/decision", {"env": "dev"})
+    assert allowed.allowed and allowed.reason == "not a production cluster"
+
+
+def test_an_opa_boolean_result_allows_or_denies(folder, opa):
+    yes = delete(folder, opa, "airfleet/delete_cluster/allow", {})
+    assert yes.allowed and yes.reason == "data.airfleet.delete_cluster.allow is true"
+    no = delete(folder, opa, "airfleet/delete_cluster/allow", {"env": "prod"})
+    assert not no.allowed and no.reason == "data.airfleet.delete_cluster.allow is false"
+
+
+def test_an_undefined_opa_document_denies_naming_it(folder, opa):
+    d = delete(folder, opa, "airfleet/delete_clusters/decision", {})
+    assert not d.allowed and d.reason == (
+        "policy prod_guard is undefined in OPA: data.airfleet.delete_clusters.decision has "
+        "no value; check the Rego package and rule the URL names, or give the rule a default")
+
+
+def test_binding_to_opas_whole_data_document_is_refused(folder):
+    binding = Binding("delete_cluster", "prod_guard", mode="http",
+                      url="http://opa:8181/v1/data/")
+    with pytest.raises(InvalidRequest, match=r"whole data document; name the rule"):
+        policy.check_binding(binding, folder)
+
+
+def test_the_readmes_rego_is_the_shipped_example():
+    readme = (SHIPPED_REGO.parents[2] / "README.md").read_text()
+    block = readme.split("```rego\n", 1)[1].split("```", 1)[0]
+    assert block.strip() and block in SHIPPED_REGO.read_text()

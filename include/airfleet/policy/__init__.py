@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from airfleet import config
 from airfleet.errors import InvalidRequest
@@ -130,6 +131,10 @@ def check_binding(binding: Binding, directory: Path | None = None) -> Binding:
         if not (binding.url or "").startswith(("http://", "https://")):
             raise InvalidRequest(f"{where}: mode http needs --url http(s)://... of the "
                                  "policy server")
+        if urlsplit(binding.url).path.rstrip("/") == "/v1/data":
+            raise InvalidRequest(f"{where}: --url {binding.url} asks OPA for its whole data "
+                                 "document; name the rule that decides, e.g. "
+                                 ".../v1/data/airfleet/delete_cluster/decision")
         return binding
     if binding.memory_mb < 64:
         raise InvalidRequest(f"{where}: memory_mb must be at least 64")

@@ -7,6 +7,8 @@
 - ``local``: imported and called in-process, for trusted code; a call still running at the
   timeout is abandoned (its thread cannot be killed) and the action denied.
 - ``http``: the request POSTed as JSON to the binding's URL; the decision is the JSON answer.
+  A URL of OPA's Data API (``http://opa:8181/v1/data/airfleet/delete_cluster``) gets the
+  request as OPA's input and OPA's ``result`` read as the decision (a boolean or an object).
 
 Each raises :class:`~airfleet.policy.PolicyFailed` with the reason when no decision came back.
 """
@@ -22,12 +24,15 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from airfleet.policy import Binding, PolicyFailed, _short, policy_path, sandbox, source_version
 
 CHILD = Path(__file__).with_name("child.py")
 # The child's whole environment: nothing of the task's (connections, keys, tokens) reaches it.
 CHILD_ENV = sandbox.ENV
+# OPA's Data API: POST /v1/data/<package path>/<rule> {"input": ...} -> {"result": ...}
+OPA_DATA_API = "/v1/data/"
 
 
 def run(binding: Binding, request: dict[str, Any], directory: Path | None = None) -> Any:
@@ -124,8 +129,11 @@ def _http(binding: Binding, request: dict[str, Any]) -> Any:
     import requests
 
     where = f"server {binding.url}"
+    opa = opa_document(binding.url)
     try:
-        response = requests.post(binding.url, json=request, timeout=binding.timeout_seconds)
+        # OPA's Data API reads the input document from the body's "input" key.
+        response = requests.post(binding.url, json={"input": request} if opa else request,
+                                 timeout=binding.timeout_seconds)
     except requests.Timeout:
         raise PolicyFailed(f"{where} did not answer within {binding.timeout_seconds:g} s") \
             from None
@@ -135,7 +143,29 @@ def _http(binding: Binding, request: dict[str, Any]) -> Any:
         raise PolicyFailed(f"{where} answered HTTP {response.status_code}: "
                            f"{_short(response.text)}")
     try:
-        return response.json()
+        answer = response.json()
     except ValueError:
         raise PolicyFailed(f"{where} answered something that is not JSON: "
                            f"{_short(response.text)}") from None
+    return _opa_decision(opa, answer) if opa else answer
+
+
+def opa_document(url: str | None) -> str | None:
+    """The document an OPA Data API URL names (``.../v1/data/airfleet/delete`` ->
+    ``data.airfleet.delete``), or None for any other policy server."""
+    path = urlsplit(url or "").path
+    if not path.startswith(OPA_DATA_API):
+        return None
+    return ".".join(["data", *filter(None, path[len(OPA_DATA_API):].split("/"))])
+
+
+def _opa_decision(document: str, answer: Any) -> Any:
+    """OPA answers ``{"result": <the document's value>}``: a boolean (allow or deny) or an
+    object in the decision's own form; no ``result`` at all when the document is undefined."""
+    if not isinstance(answer, dict) or "result" not in answer:
+        raise PolicyFailed(f"is undefined in OPA: {document} has no value; check the Rego "
+                           "package and rule the URL names, or give the rule a default")
+    result = answer["result"]
+    if isinstance(result, bool):
+        return {"allowed": result, "reason": f"{document} is {str(result).lower()}"}
+    return result
