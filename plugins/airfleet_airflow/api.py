@@ -20,6 +20,7 @@ import functools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import fastapi_offline
 from airflow.api_fastapi.app import get_auth_manager
 from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
 from airflow.api_fastapi.auth.managers.models.resource_details import (
@@ -28,7 +29,9 @@ from airflow.api_fastapi.auth.managers.models.resource_details import (
 )
 from airflow.api_fastapi.core_api.security import get_user
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from airfleet import fleet
@@ -36,9 +39,14 @@ from airfleet.errors import AirfleetError, InvalidRequest, NotFound, VaultError
 
 MAX_BODY_BYTES = 1 << 20  # a sealed kubeconfig is a few KiB; refuse what cannot be one
 STATIC = Path(__file__).parent / "static"
+# Swagger UI's own files, served from here: FastAPI's default docs page loads them from a CDN,
+# which leaves it blank wherever the browser has no internet.
+SWAGGER_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+DOCS = "/api/v1/docs"
 
 app = FastAPI(
-    title="Airfleet API", version="1", docs_url="/api/v1/docs", openapi_url="/api/v1/openapi.json",
+    title="Airfleet API", version="1", docs_url=None, redoc_url=None,
+    openapi_url="/api/v1/openapi.json",
     description="The fleet of inference clusters Airfleet manages: inventory, the endpoints "
                 "they serve, history, governance bindings and sealed credentials. Authenticate "
                 "as for Airflow's REST API (`POST /auth/token`, then `Authorization: Bearer "
@@ -273,3 +281,16 @@ def _root() -> RedirectResponse:
 @app.get("/ui/", include_in_schema=False)
 def fleet_view() -> FileResponse:
     return FileResponse(STATIC / "fleet.html", media_type="text/html")
+
+
+app.mount(f"{DOCS}/assets", StaticFiles(directory=SWAGGER_ASSETS), name="docs-assets")
+
+
+@app.get(DOCS, include_in_schema=False)
+def api_docs(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "")  # "/airfleet" where Airflow mounts this app
+    return get_swagger_ui_html(
+        openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - Swagger UI",
+        swagger_js_url=f"{root}{DOCS}/assets/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}{DOCS}/assets/swagger-ui.css",
+        swagger_favicon_url=f"{root}{DOCS}/assets/favicon.png")

@@ -132,3 +132,26 @@ def test_the_fleet_view_shows_the_clusters_in_airflows_ui(fleet_of_three, browse
     view.locator('tr[data-cluster="view-llm"] a.airflow-page').first.click()
     page.wait_for_url(f"{base}/dags/airfleet_cluster_health_check/runs/**", timeout=15_000)
     page.get_by_text("check_fleet").first.wait_for(timeout=15_000)
+
+
+def test_the_api_docs_render_in_a_browser_with_no_internet(browser, airflow):
+    base = airflow["base"]
+    page = browser.new_page()
+    outside: list[str] = []
+
+    def only_airflow(route):  # anything not from the api-server is refused, and noted
+        if route.request.url.startswith(base):
+            return route.continue_()
+        outside.append(route.request.url)
+        return route.abort()
+
+    page.route("**/*", only_airflow)
+    page.goto(f"{base}/airfleet/api/v1/docs")
+    try:
+        page.locator(".information-container .title").filter(has_text="Airfleet API") \
+            .wait_for(timeout=30_000)
+        page.locator(".opblock-summary-path", has_text="/api/v1/clusters/{name}/events") \
+            .first.wait_for(timeout=15_000)
+    finally:
+        _shot(page, "api-docs.png")
+    assert outside == []

@@ -445,3 +445,19 @@ def test_the_api_is_openapi_documented_and_the_view_is_served(api):
             f"{API}/endpoints/{{name}}/events"} <= {f"/airfleet{p}" for p in spec["paths"]}
     page = api.get("/airfleet/ui/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+
+
+def test_the_api_docs_page_loads_nothing_from_outside_airflow(api):
+    # Swagger UI's script and styles are served by the plugin itself: the page renders where
+    # the browser has no internet (FastAPI's default page takes them from a CDN).
+    import re
+
+    page = api.get(f"{API}/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    refs = re.findall(r"""(?:src|href|url)\s*[:=]\s*['"]([^'"]+)['"]""", page.text)
+    assert refs and "://" not in page.text.replace("http://www.w3.org", "")
+    assert {r for r in refs if not r.startswith(f"{API}/")} == set(), refs
+    for ref in refs:
+        asset = api.get(ref)
+        assert asset.status_code == 200 and len(asset.content) > 100, ref
+    assert api.get(f"{API}/openapi.json").json()["info"]["title"] == "Airfleet API"
