@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from airflow.sdk import dag
 
-from airfleet_airflow import flow
+from airfleet_airflow import deadlines, flow
 from airfleet_airflow.operators import (
     CleanupFailedRunOperator,
     CloudReconcileOperator,
@@ -39,7 +39,8 @@ from airfleet_airflow.operators import (
 
 
 @dag(dag_id="airfleet_cluster_create", schedule=None, catchup=False, tags=flow.TAGS,
-     params=flow.flow_params("create"), default_args=flow.DEFAULT_ARGS, doc_md=__doc__)
+     params=flow.flow_params("create"), default_args=flow.DEFAULT_ARGS,
+     deadline=deadlines.alerts("create"), doc_md=__doc__)
 def airfleet_cluster_create():
     lease = flow.admit("create")
     flow.guarded(

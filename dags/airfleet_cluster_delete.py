@@ -25,12 +25,13 @@ from __future__ import annotations
 
 from airflow.sdk import dag
 
-from airfleet_airflow import flow
+from airfleet_airflow import deadlines, flow
 from airfleet_airflow.operators import CloudReconcileOperator, TeardownOperator
 
 
 @dag(dag_id="airfleet_cluster_delete", schedule=None, catchup=False, tags=flow.TAGS,
-     params=flow.flow_params("delete"), default_args=flow.DEFAULT_ARGS, doc_md=__doc__)
+     params=flow.flow_params("delete"), default_args=flow.DEFAULT_ARGS,
+     deadline=deadlines.alerts("delete"), doc_md=__doc__)
 def airfleet_cluster_delete():
     lease = flow.admit("delete")  # also says the conf's force
     flow.guarded(

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from airflow.sdk import dag
 
-from airfleet_airflow import flow
+from airfleet_airflow import deadlines, flow
 from airfleet_airflow.operators import DetectAcceleratorsOperator, WaitReadyOperator
 
 
 @dag(dag_id="airfleet_cluster_onboard", schedule=None, catchup=False, tags=flow.TAGS,
-     params=flow.flow_params("onboard"), default_args=flow.DEFAULT_ARGS, doc_md=__doc__)
+     params=flow.flow_params("onboard"), default_args=flow.DEFAULT_ARGS,
+     deadline=deadlines.alerts("onboard"), doc_md=__doc__)
 def airfleet_cluster_onboard():
     lease = flow.admit("onboard")
     flow.guarded(

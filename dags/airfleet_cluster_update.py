@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from airflow.sdk import dag
 
-from airfleet_airflow import flow
+from airfleet_airflow import deadlines, flow
 from airfleet_airflow.operators import (
     CloudReconcileOperator,
     DetectAcceleratorsOperator,
@@ -37,7 +37,8 @@ from airfleet_airflow.operators import (
 
 
 @dag(dag_id="airfleet_cluster_update", schedule=None, catchup=False, tags=flow.TAGS,
-     params=flow.flow_params("update"), default_args=flow.DEFAULT_ARGS, doc_md=__doc__)
+     params=flow.flow_params("update"), default_args=flow.DEFAULT_ARGS,
+     deadline=deadlines.alerts("update"), doc_md=__doc__)
 def airfleet_cluster_update():
     lease = flow.admit("update")
     flow.guarded(

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from airflow.sdk import dag
 
+from airfleet_airflow import deadlines, flow
 from airfleet_airflow import endpoint_flow as ep
-from airfleet_airflow import flow
 
 
 @dag(dag_id="airfleet_endpoint_delete", schedule=None, catchup=False, tags=flow.TAGS,
      params=ep.endpoint_params("endpoint_delete"), default_args=flow.DEFAULT_ARGS,
+     deadline=deadlines.alerts("endpoint_delete"),
      doc_md=__doc__)
 def airfleet_endpoint_delete():
     admitted = ep.admit("endpoint_delete")

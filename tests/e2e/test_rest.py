@@ -258,3 +258,48 @@ def _first_run(client, dag_id: str, timeout: float = 120):
             return runs[0]
         time.sleep(2)
     pytest.fail(f"{dag_id} never ran")
+
+
+def test_an_overrun_flow_misses_its_deadline_and_the_cluster_history_says_so(
+        client, dags_parsed, airflow):
+    # Airflow's scheduler sees the deadline (3 s after the run was queued) pass while the run
+    # goes on, and its triggerer runs Airfleet's callback (tests/e2e/dags/e2e_deadline.py).
+    cluster = json.loads(json.dumps(CLUSTER))
+    cluster["metadata"]["name"] = "e2e-deadline"
+    run = trigger(client, "airfleet_cluster_create", {"cluster": cluster})
+    assert wait_run(client, "airfleet_cluster_create", run.dag_run_id) == "success"
+    try:
+        _parsed(client, "e2e_deadline")
+        late = trigger(client, "e2e_deadline", {"name": "e2e-deadline"})
+        assert wait_run(client, "e2e_deadline", late.dag_run_id) == "success"  # not stopped
+        events, deadline = [], time.monotonic() + 90
+        while not events and time.monotonic() < deadline:
+            events = [e for e in store_of(airflow).events("e2e-deadline")
+                      if e.reason == "DeadlineMissed"]
+            time.sleep(1)
+        assert len(events) == 1, [(e.reason, e.message) for e in store_of(airflow)
+                                  .events("e2e-deadline")]
+        (event,) = events
+        assert event.kind == "Warning" and event.run_id == f"e2e_deadline/{late.dag_run_id}"
+        assert event.message.startswith(
+            f"the update run e2e_deadline/{late.dag_run_id} is still running past its ceiling "
+            "(3 s after it was queued), deadline "), event.message
+    finally:
+        run = trigger(client, "airfleet_cluster_delete", {"name": "e2e-deadline"})
+        assert wait_run(client, "airfleet_cluster_delete", run.dag_run_id) == "success"
+
+
+def _parsed(client, dag_id: str, timeout: float = 120) -> None:
+    """Wait for a DAG of the e2e-tests bundle (parsed apart from Airfleet's own)."""
+    import airflow_client.client as af
+    from airflow_client.client.exceptions import NotFoundException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            af.DAGApi(client).get_dag(dag_id)
+            return
+        except NotFoundException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
