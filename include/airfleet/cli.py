@@ -297,9 +297,23 @@ def _stability_enable(args) -> None:
     if args.name and store.get_cluster(args.name) is None:
         raise AirfleetError(f"cluster {args.name} is not registered")
     args.param = [*args.param, f"interval_seconds={args.interval}"]
-    binding = policy.check_binding(_binding(args, "check_stability", args.suite, None))
+    suite = args.suite
+    if args.gx_suite:  # a GX expectation suite: kept in the binding itself
+        from airfleet.policy import gx
+
+        if args.suite != "stability":
+            raise AirfleetError("give --suite (a policy) or --gx-suite (a GX suite), not both")
+
+        try:
+            text = Path(args.gx_suite).read_text()
+        except OSError as exc:
+            raise AirfleetError(f"--gx-suite {args.gx_suite}: {exc.strerror}") from None
+        given = gx.check_suite(text, f"--gx-suite {args.gx_suite}")
+        args.mode, suite = "gx", gx.policy_name(given)
+        args.param.append(f"suite={json.dumps(given)}")
+    binding = policy.check_binding(_binding(args, "check_stability", suite, None))
     store.set_bindings({"check_stability": [binding]}, cluster=args.name, actor=_actor())
-    print(f"stability suite {args.suite} enabled for {_scope(args.name)}, every "
+    print(f"stability suite {suite} enabled for {_scope(args.name)}, every "
           f"{args.interval:g} s at most (at each health check past that)")
 
 
@@ -463,6 +477,9 @@ def _parser() -> argparse.ArgumentParser:
     enable.add_argument("name", nargs="?")
     enable.add_argument("--suite", default="stability", help="the suite: a policy judging "
                         "check_stability (default: the shipped stability)")
+    enable.add_argument("--gx-suite", metavar="FILE.json",
+                        help="the suite: a Great Expectations 1.x expectation suite (JSON, as "
+                        "GX writes it) run against the node table of each health check")
     enable.add_argument("--interval", type=float, default=0.0,
                         help="seconds between evaluations (default 0: every health check)")
     enable.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",

@@ -45,9 +45,7 @@ def farm():
 def running(farm, airflow_db, tmp_path_factory):
     """Cluster ``serve-a`` created through its DAG and Running, with a model cache, in a
     store of the module's own; Ray stopped on every node afterwards."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    from tests.conftest import ROOT
+    from tests.conftest import dags_for_dag_test
 
     home = tmp_path_factory.mktemp("airfleet-home")
     with pytest.MonkeyPatch.context() as mp:
@@ -59,7 +57,7 @@ def running(farm, airflow_db, tmp_path_factory):
         spec = static_cluster(farm, 1, CLUSTER)
         spec["spec"]["model_caches"] = [{"name": "hf", "host_path": {"path": CACHE}}]
         try:
-            dr = DagBag(str(ROOT / "dags")).dags["airfleet_cluster_create"].test(
+            dr = dags_for_dag_test()["airfleet_cluster_create"].test(
                 run_conf={"cluster": spec})
             assert str(dr.state) == "success", Store().require_cluster(CLUSTER).cluster.status
             assert Store().require_cluster(CLUSTER).phase is Phase.RUNNING

@@ -5,6 +5,7 @@ run reports and changes nothing; every decision lands in the audit trail."""
 from __future__ import annotations
 
 import copy
+import json
 import time
 
 import pytest
@@ -241,3 +242,58 @@ def test_stability_interval_disable_and_run_now(dags, fake, capsys):
     assert cli.main(["stability", "run", "llm-a"]) == 1
     assert "no stability suite is bound" in capsys.readouterr().err
     assert cli.main(["stability", "enable", "ghost"]) == 1
+
+
+# ---- stability as a Great Expectations suite ----------------------------------------------
+
+GX_SUITE = {"name": "stable-nodes", "expectations": [
+    {"type": "expect_column_mean_to_be_between", "kwargs": {"column": "ready", "min_value": 1.0}},
+    {"type": "expect_column_values_to_be_between",
+     "kwargs": {"column": "heartbeat_age_seconds", "max_value": 900}},
+    {"type": "expect_table_row_count_to_equal", "kwargs": {"value": 3}}]}
+
+
+def test_a_gx_suite_on_the_node_table_turns_one_not_ready_node_of_three_unstable(
+        dags, fake, capsys, tmp_path):
+    run(dags, "airfleet_cluster_create", {"cluster": with_workers("10.0.0.2", "10.0.0.3")})
+    suite = tmp_path / "stable-nodes.json"
+    suite.write_text(json.dumps(GX_SUITE))
+    assert cli.main(["stability", "enable", "llm-a", "--gx-suite", str(suite)]) == 0
+    (binding,) = Store().bindings("llm-a")
+    assert (binding.mode, binding.policy, binding.params["suite"]) == ("gx", "gx_stable_nodes",
+                                                                      GX_SUITE)
+
+    run(dags, "airfleet_cluster_health_check", {})
+    assert stable().status == "True", stable().message
+    assert stable().message == "all 3 expectations of stable-nodes met on 3 node(s)"
+
+    fake.instruct(not_ready={"llm-a": ["worker-1"]})
+    run(dags, "airfleet_cluster_health_check", {})
+    condition = stable()
+    assert condition.status == "False" and condition.reason == "ExpectationsFailed"
+    assert "1 of 3 expectations of stable-nodes failed: expect_column_mean_to_be_between(" \
+           "column=ready, min_value=1.0): observed 0.667" in condition.message, condition.message
+    assert Store().require_cluster("llm-a").phase.value == "Running"
+    (bound,) = [a for a in Store().policy_audit() if a["kind"] == "bind"]
+    assert (bound["policy"], bound["mode"]) == ("gx_stable_nodes", "gx")
+    assert "expect_column_mean_to_be_between" in bound["reason"]  # the suite, as bound
+
+
+@pytest.mark.parametrize(("suite", "fragment"), [
+    ("{not json", "not JSON"),
+    (json.dumps({"name": "s", "expectations": [
+        {"type": "expect_column_mean_to_be_between", "kwargs": {"column": "readiness"}}]}),
+     "expectations[0] (expect_column_mean_to_be_between) names column 'readiness', which the "
+     "node table lacks; its columns are name, role, ready, gpus_detected"),
+    (json.dumps({"name": "s", "expectations": [{"type": "expect_nodes_happy", "kwargs": {}}]}),
+     "expectations[0] (expect_nodes_happy) is not an expectation GX can run"),
+    (json.dumps({"expectations": []}), 'a GX suite is an object with "name"'),
+])
+def test_a_gx_suite_that_cannot_run_is_refused_at_bind_naming_it(fake, capsys, tmp_path,
+                                                                   suite, fragment):
+    run_path = tmp_path / "suite.json"
+    run_path.write_text(suite)
+    assert cli.main(["stability", "enable", "--gx-suite", str(run_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"--gx-suite {run_path}: " in err and fragment in err, err
+    assert Store().bindings(every_scope=True) == [] and Store().policy_audit() == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -33,7 +34,7 @@ ACTIONS = ("create_cluster", "delete_cluster", "update_cluster", "onboard_cluste
 # The input fields a policy may change, per action; any other change is refused.
 MUTABLE_INPUT: dict[str, tuple[str, ...]] = {"create_cluster": ("node_pools", "labels"),
                                              "scale_nodegroup": ("to",)}
-MODES = ("subprocess", "local", "http")
+MODES = ("subprocess", "local", "http", "gx")  # gx: check_stability only (policy/gx.py)
 NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -127,6 +128,8 @@ def check_binding(binding: Binding, directory: Path | None = None) -> Binding:
     if not 0 < binding.timeout_seconds <= 600:
         raise InvalidRequest(f"{where}: timeout_seconds must be in (0, 600]")
     path = policy_path(binding.policy, directory)  # the name is a module name in every mode
+    if binding.mode == "gx":
+        return _check_gx(binding, where)
     if binding.mode == "http":
         if not (binding.url or "").startswith(("http://", "https://")):
             raise InvalidRequest(f"{where}: mode http needs --url http(s)://... of the "
@@ -155,6 +158,23 @@ def check_binding(binding: Binding, directory: Path | None = None) -> Binding:
 
 # ---- deciding ------------------------------------------------------------------------------
 
+def _check_gx(binding: Binding, where: str) -> Binding:
+    from airfleet.policy import gx
+
+    if binding.action != "check_stability":
+        raise InvalidRequest(f"{where}: a GX expectation suite judges check_stability only "
+                             "(it validates the health check's node table)")
+    suite = gx.check_suite(binding.params.get("suite"), f"{where}: suite")
+    return replace(binding, params={**binding.params, "suite": suite})
+
+
+def version_of(binding: Binding, directory: Path | None = None) -> str:
+    """The version of what the binding runs: its policy module's source, or its GX suite."""
+    if binding.mode == "gx":
+        return source_version(json.dumps(binding.params.get("suite"), sort_keys=True))
+    return source_version(policy_path(binding.policy, directory).read_text())
+
+
 def decide(bindings: Sequence[Binding], action: str, request: dict[str, Any],
            directory: Path | None = None) -> list[Decision]:
     """Every bound policy's decision on ``action``, in binding order. Each policy sees the
@@ -174,7 +194,7 @@ def decide(bindings: Sequence[Binding], action: str, request: dict[str, Any],
         version = None
         try:
             if binding.mode != "http":
-                version = source_version(policy_path(binding.policy, directory).read_text())
+                version = version_of(binding, directory)
                 if binding.version and binding.version != version:
                     raise PolicyFailed(f"is version {version}, the binding pins "
                                        f"{binding.version}; bind it again")

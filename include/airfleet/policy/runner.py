@@ -1,4 +1,4 @@
-"""How a bound policy runs: ``subprocess`` (the default), ``local`` or ``http``.
+"""How a bound policy runs: ``subprocess`` (the default), ``local``, ``http`` or ``gx``.
 
 - ``subprocess``: a separate interpreter (``python -I``, a minimal environment, an address-space
   limit), the policy's source and the request as JSON on stdin and the decision as JSON on
@@ -9,6 +9,8 @@
 - ``http``: the request POSTed as JSON to the binding's URL; the decision is the JSON answer.
   A URL of OPA's Data API (``http://opa:8181/v1/data/airfleet/delete_cluster``) gets the
   request as OPA's input and OPA's ``result`` read as the decision (a boolean or an object).
+- ``gx``: a Great Expectations suite (stability only) validated against the health check's
+  node table (:mod:`airfleet.policy.gx`).
 
 Each raises :class:`~airfleet.policy.PolicyFailed` with the reason when no decision came back.
 """
@@ -38,6 +40,10 @@ OPA_DATA_API = "/v1/data/"
 def run(binding: Binding, request: dict[str, Any], directory: Path | None = None) -> Any:
     if binding.mode == "http":
         return _http(binding, request)
+    if binding.mode == "gx":
+        from airfleet.policy import gx
+
+        return gx.evaluate(binding.params["suite"], request)
     path = policy_path(binding.policy, directory)
     if binding.mode == "local":
         return _local(path, binding.timeout_seconds, request)
@@ -50,6 +56,8 @@ def isolation(binding: Binding) -> str:
         return sandbox.current().status
     if binding.mode == "local":
         return "not isolated: runs inside the worker (local mode)"
+    if binding.mode == "gx":
+        return "no code: a GX expectation suite, validated inside the worker"
     return "the policy server's own (http mode)"
 
 
