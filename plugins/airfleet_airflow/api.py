@@ -192,7 +192,9 @@ class BindingIn(BaseModel):
 
     policy: str = Field(description="a module name in the policies folder")
     version: str | None = Field(None, description="pin a source version (12 hex)")
-    mode: Literal["subprocess", "local", "http"] = "subprocess"
+    mode: Literal["subprocess", "local", "http", "gx"] = Field(
+        "subprocess", description="gx: a Great Expectations suite judging check_stability, "
+        "given as params.suite")
     timeout_seconds: float = 10.0
     memory_mb: int = 512
     url: str | None = None

@@ -390,6 +390,12 @@ def test_bindings_are_read_by_viewers_and_written_by_admins_only(api):
     ({"bindings": {"fly": [{"policy": "max_nodes"}]}}, "unknown action 'fly'"),
     ({"cluster": "nope", "bindings": {}}, "'nope' is not registered"),
     ({"bindings": {"add_node": [{"policy": "max_nodes", "mode": "http"}]}}, "mode http needs"),
+    ({"bindings": {"check_stability": [{"policy": "gx_nodes", "mode": "gx", "params": {
+        "suite": {"name": "nodes", "expectations": [{"type": "expect_column_max_to_be_between",
+                                                     "kwargs": {"column": "gpus"}}]}}}]}},
+     "names column 'gpus', which the node table lacks"),
+    ({"bindings": {"add_node": [{"policy": "gx_nodes", "mode": "gx", "params": {
+        "suite": {"name": "nodes", "expectations": []}}}]}}, "judges check_stability only"),
 ])
 def test_a_bad_binding_is_4xx_naming_it_and_binds_nothing(api, body, fragment):
     r = api.put(f"{API}/policies/bindings", headers=_auth(api, "admin"), json=body)
