@@ -82,6 +82,13 @@ async def missed(flow: str, expected: str, context: dict[str, Any] | None = None
     run = (context or {}).get("dag_run") or {}
     deadline = ((context or {}).get("deadline") or {}).get("deadline_time")
     run_id = f"{run.get('dag_id')}/{run.get('dag_run_id') or run.get('run_id')}"
+    if run.get("state") not in ("queued", "running"):
+        # Airflow prunes a run's deadlines only when it succeeds: a failed run's fire later,
+        # and "still running" would be false. Its failure is in its own history already.
+        message = (f"the {flow} run {run_id} had ended ({run.get('state')}) before its "
+                   f"{expected}, deadline {deadline}: nothing to note")
+        log.info("Deadline passed after the run ended: %s", message)
+        return message
     message = (f"the {flow} run {run_id} is still running past its {expected}, deadline "
                f"{deadline}; it goes on: look at the run, or mark it failed to stop it")
     log.warning("Deadline missed: %s", message)

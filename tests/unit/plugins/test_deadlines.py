@@ -115,6 +115,21 @@ def test_the_callback_notes_an_endpoint_flow_in_the_endpoints_history(store):
     assert said.endswith(f"(noted in the history of endpoint {name})")
 
 
+def test_a_run_that_ended_before_its_deadline_is_not_said_to_be_running(store):
+    # Airflow prunes deadlines only of a run that succeeded: a failed run's still fire.
+    request = ClusterRequest.model_validate({"metadata": {"name": "llm-a"}, "spec": {
+        "type": "ssh", "provider": "static", "config": {"ssh": {
+            "head": "10.0.0.1", "credential": {"airflow_conn_id": "ssh_fleet"}}}}})
+    store.register_cluster(request, run_id="r0", token=None)
+    ended = context({"name": "llm-a"})
+    ended["dag_run"]["state"] = "failed"
+    said = asyncio.run(deadlines.missed("delete", "usual time", ended))
+    assert said == ("the delete run airfleet_cluster_update/manual__2026-12-06 had ended "
+                    "(failed) before its usual time, deadline 2026-12-06T05:00:00+00:00: "
+                    "nothing to note")
+    assert [e for e in store.events("llm-a") if e.reason == "DeadlineMissed"] == []
+
+
 def test_a_run_about_no_registered_cluster_is_logged_only(store, caplog):
     said = asyncio.run(deadlines.missed("delete", "usual time", context({"name": "ghost"})))
     assert said.endswith("(not noted in a history: cluster ghost is not registered)"), said
