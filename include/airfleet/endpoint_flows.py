@@ -186,10 +186,11 @@ def precheck(store: Store, checked: dict[str, Any], *, run: str | None) -> dict[
     rewritten: a policy that changes it is refused, naming the policy."""
     cluster, dry_run = checked["cluster"], bool(checked["dry_run"])
     record = store.get_cluster(cluster) if cluster else None
+    served = store.list_endpoints(cluster=cluster) if cluster else []
     decisions = []
     for action in checked["actions"]:
         request = plan.policy_request(action, None, cluster, record, now=now(), run=run,
-                                      dry_run=dry_run)
+                                      dry_run=dry_run, endpoints=served)
         decided = policy.decide(store.bindings_for(cluster, action["action"]),
                                 action["action"], request)
         changed = [d.policy for d in decided if d.changed]
@@ -199,8 +200,7 @@ def precheck(store: Store, checked: dict[str, Any], *, run: str | None) -> dict[
         decisions += decided
     if decisions and not dry_run:
         store.record_decisions(cluster, decisions, run_id=run)
-    return {**checked, "decisions": [d.to_dict() for d in decisions],
-            "denied": [d.reason for d in decisions if not d.allowed]}
+    return {**checked, **policy.verdict(decisions)}
 
 
 # ---- mutating steps -------------------------------------------------------------------------

@@ -127,25 +127,25 @@ def precheck(store: Store, checked: dict[str, Any], *, run: str | None,
     request as the policies changed it (checked again: a change must still be valid)."""
     name, dry_run = checked["name"], bool(checked.get("dry_run"))
     record = store.get_cluster(name)
+    served = store.list_endpoints(cluster=name)
     decisions, changes, bound = [], [], {}
     for action in checked["actions"]:
         kind = action["action"]
         if kind not in bound:  # an update may hold many add_node: read their bindings once
             bound[kind] = store.bindings_for(name, kind)
         request = plan.policy_request(action, checked["request"], name, record, now=now(),
-                                      run=run, dry_run=dry_run)
+                                      run=run, dry_run=dry_run, endpoints=served)
         decided = policy.decide(bound[kind], kind, request, directory)
         decisions += decided
         if decided[-1].input != action["input"]:
             changes.append((action, decided[-1].input))
     if not dry_run:
         store.record_decisions(name, decisions, run_id=run)
-    denied = [d for d in decisions if not d.allowed]
+    judged = policy.verdict(decisions)
     request = checked["request"]
-    if changes and not denied:
+    if changes and not judged["denied"]:
         request = _checked_change(plan.apply_inputs(request, changes), decisions)
-    return {**checked, "request": request, "decisions": [d.to_dict() for d in decisions],
-            "denied": [d.reason for d in denied]}
+    return {**checked, **judged, "request": request}
 
 
 def _checked_change(request: dict[str, Any], decisions: list[policy.Decision],
@@ -368,6 +368,17 @@ def _endpoints_gone(store: Store, lease: LeaseRef, left_behind: list[str]) -> No
 def fail(store: Store, lease: LeaseRef, reason: str, message: str) -> ClusterRecord:
     """Record Failed with the reason (a step that failed outside a backend verb)."""
     return _set_phase(store, lease, Phase.FAILED, reason, message)
+
+
+def note(store: Store, lease: LeaseRef, reason: str, message: str,
+         kind: str = "Normal") -> bool:
+    """A note in the history of the cluster the run holds, when it is registered (a create's
+    is not, before its first writes). Returns whether it was noted."""
+    if store.get_cluster(lease.name) is None:
+        return False
+    store.record_event(lease.name, reason, message, run_id=lease.holder, kind=kind,
+                       token=lease.token)
+    return True
 
 
 def note_cleanup(store: Store, lease: LeaseRef, note: str,

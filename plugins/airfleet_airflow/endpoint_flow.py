@@ -53,24 +53,30 @@ def _lease(data: dict[str, Any]):
     return LeaseRef.from_dict(data)
 
 
-@task.short_circuit(task_id=ADMIT)
-def admit(flow: str) -> dict[str, Any] | None:
+def admit(flow: str):
     """Everything a run does before the cluster, in one task (each task costs a process):
     validate the conf against the models, the store and the cluster's record (reads only: a
     bad request fails here and changes nothing; a dry run reports the action and the
     policies' decisions and skips the rest, and so does a delete of an endpoint that is not
     registered), take the *cluster's* lease (no cluster flow runs meanwhile), the policy
-    pre-check (a deny fails the run before any change), then record the version (deploy,
-    scale: Deploying, and the weights).
+    pre-check (a deny fails the run before any change; an approval a policy asks is waited
+    for, :mod:`.approval`), then record the version (deploy, scale: Deploying, and the
+    weights).
 
-    Returns what validate found with the policies' decisions and ``lease``. What validate
+    Its XCom is what validate found with the policies' decisions and ``lease``. What validate
     found is also told at once (XCom ``checked``), so the lease teardown knows the endpoint
     even when this task failed after taking the lease."""
+    from airfleet_airflow.approval import AdmitOperator
+
+    return AdmitOperator(flow=flow, decide=decide, write=write).output
+
+
+def decide(flow: str, context: Any) -> dict[str, Any] | None:
+    """Validate, the lease and the policies: the admission, or None (nothing to do)."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from airfleet import endpoint_flows, flows
 
-    context = get_current_context()
     params = context["params"]
     conf = {key: params[key] for key in ENDPOINT_CONF[flow].model_fields if key in params}
     holder = _holder()
@@ -94,12 +100,19 @@ def admit(flow: str) -> dict[str, Any] | None:
     if approved["denied"]:
         say("denied by policy: " + "; ".join(approved["denied"]))
         raise AirflowFailException("denied by policy: " + "; ".join(approved["denied"]))
+    return {**approved, "lease": lease.to_dict()}
+
+
+def write(flow: str, admission: dict[str, Any]) -> dict[str, Any]:
+    """Record the version (deploy, scale); the admission is the task's XCom."""
+    from airfleet import endpoint_flows
+
     if flow != "endpoint_delete":
         try:
-            endpoint_flows.record(store, lease, approved)
+            endpoint_flows.record(_store(), _lease(admission["lease"]), admission)
         except Exception as exc:
             raise permanent_error(exc) from None
-    return {**approved, "lease": lease.to_dict()}
+    return admission
 
 
 def _dry_run(context: Any, report: dict[str, Any]) -> None:
@@ -108,7 +121,8 @@ def _dry_run(context: Any, report: dict[str, Any]) -> None:
               f"{'allowed' if d['allowed'] else 'DENIED'}: {d['reason']}")
     context["ti"].xcom_push(key="dry_run", value={
         "actions": report["actions"], "decisions": report["decisions"],
-        "allowed": not report["denied"], "versions": report["versions"]})
+        "allowed": not report["denied"], "approval": report["approval"],
+        "versions": report["versions"]})
     say("dry run: " + ("allowed" if not report["denied"] else
                        "would be denied: " + "; ".join(report["denied"]))
         + "; nothing was changed")

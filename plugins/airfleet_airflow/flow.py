@@ -101,8 +101,7 @@ def _vault_put():
 ADMIT = "admit"  # the first task's id: its XCom is the run's lease
 
 
-@task.short_circuit(task_id=ADMIT)
-def admit(action: str) -> dict[str, Any] | None:
+def admit(action: str):
     """Everything a run does before the backend, in one task (each task costs a process):
 
     1. validate the conf against the models and the backend (reads only: a bad request
@@ -111,20 +110,27 @@ def admit(action: str) -> dict[str, Any] | None:
        no lease is taken and nothing changes;
     2. take the cluster's lease (held by another run: fail, nothing changed);
     3. every bound policy judges each action of the run (recorded in the audit trail); a
-       deny fails the run before any change to the cluster;
+       deny fails the run before any change to the cluster. A policy may allow once a human
+       approves: the task then waits for the approval (:mod:`.approval`);
     4. the first writes: record the cluster (create, onboard; sealed credentials go to the
        vault) or the desired spec (update), then the flow's transient phase (Provisioning,
        Updating, Deleting). A delete of a cluster that is not registered skips the rest.
 
-    Returns the lease (name, holder, token; a delete adds ``force``). The lease teardown
+    Its XCom is the lease (name, holder, token; a delete adds ``force``). The lease teardown
     finds what this run holds by its holder, so it frees the lease even when this task
     failed after taking it."""
+    from airfleet_airflow.approval import AdmitOperator
+
+    return AdmitOperator(flow=action, decide=decide, write=write).output
+
+
+def decide(action: str, context: Any) -> dict[str, Any] | None:
+    """Steps 1-3 of :func:`admit`: the admission, or None for a dry run."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from airfleet import flows
     from airfleet_airflow.clients import clients_for
 
-    context = get_current_context()
     params = context["params"]
     conf = {key: params[key] for key in FLOW_CONF[action].model_fields if key in params}
     holder = _holder()
@@ -143,22 +149,31 @@ def admit(action: str) -> dict[str, Any] | None:
         _print_decisions(report, "dry run: ")
         context["ti"].xcom_push(key="dry_run", value={
             "actions": report["actions"], "decisions": report["decisions"],
-            "allowed": not report["denied"], "request": report["request"]})
+            "allowed": not report["denied"], "approval": report["approval"],
+            "request": report["request"]})
         print("dry run: nothing was changed; the tasks after admit are skipped")
         return None
     _print_decisions(approved)
     if approved["denied"]:
         say("denied by policy: " + "; ".join(approved["denied"]))
         raise AirflowFailException("denied by policy: " + "; ".join(approved["denied"]))
+    return {**approved, "lease": lease.to_dict()}
+
+
+def write(action: str, admission: dict[str, Any]) -> dict[str, Any] | None:
+    """Step 4 of :func:`admit`: the lease, or None when there is nothing to do."""
+    from airfleet import flows
+
+    lease = _lease(admission["lease"])
     try:
-        if not flows.admit(action, store, lease, approved, _vault_put()):
+        if not flows.admit(action, _store(), lease, admission, _vault_put()):
             say(f"cluster {lease.name} is not registered: nothing to delete")
             print(f"cluster {lease.name} is not registered: nothing to delete")
             return None
     except Exception as exc:
         raise permanent_error(exc) from None
     if action == "delete":
-        return {**lease.to_dict(), "force": checked["force"]}
+        return {**lease.to_dict(), "force": admission["force"]}
     return lease.to_dict()
 
 
@@ -209,6 +224,10 @@ def _print_decisions(checked: dict[str, Any], prefix: str = "") -> None:
         changed = f" (changed {', '.join(d['changed'])})" if d["changed"] else ""
         print(f"{prefix}policy {d['policy'] or '-'}: {d['action']} "
               f"{'allowed' if d['allowed'] else 'DENIED'}{changed}: {d['reason']}")
+    if checked.get("approval"):
+        approval = checked["approval"]
+        print(f"{prefix}approval by {' or '.join(approval['approvers'])} "
+              f"(up to {approval['timeout_seconds']:g} s): {approval['reason']}")
 
 
 @task

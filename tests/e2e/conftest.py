@@ -47,7 +47,12 @@ def airflow(tmp_path_factory, kube_api):
     home = tmp_path_factory.mktemp("e2e-airflow-home")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AIRFLEET"))}
+    # Two approvers beside README's admin and viewer (role user: may answer a HITL task),
+    # each with their name as password (bin/airfleet-dev keeps a passwords file it finds).
+    users = {"admin": "admin", "viewer": "viewer", "alice": "user", "bob": "user"}
+    (home / "passwords.json").write_text(json.dumps({user: user for user in users}))
     env.update(AIRFLEET_AIRFLOW_HOME=str(home), AIRFLEET_PORT=str(port),
+               AIRFLEET_USERS=",".join(f"{user}:{role}" for user, role in users.items()),
                AIRFLEET_BACKENDS=f"ssh={FAKE}",
                AIRFLEET_FAKE_BACKEND_LOG=str(home / "calls.jsonl"),
                AIRFLEET_FAKE_BACKEND_STATE=str(home / "fake-state.json"),

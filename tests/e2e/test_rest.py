@@ -13,6 +13,7 @@ from tests.e2e.support import (
     CLUSTER,
     DAG_IDS,
     log_until,
+    print_failed_tasks,
     store_of,
     task_log,
     token,
@@ -303,3 +304,141 @@ def _parsed(client, dag_id: str, timeout: float = 120) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(2)
+
+
+# ---- approvals: a policy asks a human before a destructive action (Airflow's HITL) -----------
+
+DELETE = "airfleet_cluster_delete"
+
+
+def _hitl(airflow, run_id: str, user: str, answer: str | None = None) -> requests.Response:
+    """The delete run's approval as ``user`` sees it (GET), or ``user``'s answer (PATCH)."""
+    url = (f"{airflow['base']}/api/v2/dags/{DELETE}/dagRuns/{run_id}/taskInstances/admit/-1/"
+           "hitlDetails")
+    headers = {"Authorization": f"Bearer {token(airflow['base'], user, user)}"}
+    if answer is None:
+        return requests.get(url, headers=headers, timeout=10)
+    return requests.patch(url, headers=headers, timeout=10,
+                          json={"chosen_options": [answer], "params_input": {}})
+
+
+def _awaiting_input(client, run_id: str, timeout: float = 180) -> None:
+    import airflow_client.client as af
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ti = af.TaskInstanceApi(client).get_task_instance(DELETE, run_id, "admit")
+        state = str(getattr(ti.state, "value", ti.state))
+        if state == "awaiting_input":
+            return
+        if state in ("success", "failed", "skipped", "upstream_failed"):
+            print_failed_tasks(client, DELETE, run_id)
+            pytest.fail(f"admit of {run_id} ended {state} instead of waiting for input")
+        time.sleep(1)
+    pytest.fail(f"admit of {run_id} never waited for input")
+
+
+def _teardowns(airflow, name: str) -> int:
+    calls = map(json.loads, (airflow["home"] / "calls.jsonl").read_text().splitlines())
+    return sum(1 for c in calls if c["cluster"] == name and c["verb"] == "teardown")
+
+
+def test_a_delete_waits_for_an_approver_who_approves_rejects_or_never_answers(
+        client, dags_parsed, airflow):
+    import airflow_client.client as af
+
+    names = {"yes": "e2e-approve", "no": "e2e-reject", "late": "e2e-late"}
+    creates = []
+    for name in names.values():
+        cluster = json.loads(json.dumps(CLUSTER))
+        cluster["metadata"]["name"] = name
+        creates.append(trigger(client, "airfleet_cluster_create", {"cluster": cluster}))
+    assert [wait_run(client, "airfleet_cluster_create", r.dag_run_id) for r in creates] == \
+        ["success"] * 3
+
+    def bind(name: str, params: dict) -> requests.Response:
+        return _plugin(airflow, "policies/bindings", method="put", json={
+            "cluster": name, "bindings": {"delete_cluster": [
+                {"policy": "approve_destructive", "params": params}]}})
+
+    # Bad params are refused at bind time, naming the param; nothing is bound.
+    refused = bind(names["yes"], {"always": ["delete_cluster"]})
+    assert refused.status_code == 400, refused.text
+    assert "params: 'approvers' is a required property" in refused.text
+    assert _plugin(airflow, f"policies/bindings?cluster={names['yes']}").json() == \
+        {"bindings": []}
+    for key, name in names.items():
+        timeout = 5 if key == "late" else 600
+        r = bind(name, {"approvers": ["alice", "bob"], "always": ["delete_cluster"],
+                        "timeout_seconds": timeout})
+        assert r.status_code == 200, r.text
+
+    runs = {key: trigger(client, DELETE, {"name": name}).dag_run_id
+            for key, name in names.items()}
+    for run_id in runs.values():
+        _awaiting_input(client, run_id)
+
+    store = store_of(airflow)
+    asked = _hitl(airflow, runs["yes"], "viewer")
+    assert asked.status_code == 200, asked.text
+    detail = asked.json()
+    assert detail["subject"] == f"Approve the delete of {names['yes']}?"
+    assert detail["options"] == ["Approve", "Reject"]
+    assert sorted(u["id"] for u in detail["assigned_users"]) == ["alice", "bob"]
+    assert "delete_cluster of cluster e2e-approve always needs approval" in detail["body"]
+    # Waiting changed nothing, and the run keeps the cluster's lease through the wait.
+    for name in names.values():
+        assert store.require_cluster(name).phase.value == "Running"
+        assert _teardowns(airflow, name) == 0
+        assert store.get_lease(name).holder is not None
+    assert [e.reason for e in store.events(names["yes"])][-1] == "ApprovalRequested"
+
+    # A viewer may not answer; an admin who is not an approver may not either.
+    assert _hitl(airflow, runs["yes"], "viewer", "Approve").status_code == 403
+    assert _hitl(airflow, runs["yes"], "admin", "Approve").status_code == 403
+    assert store.require_cluster(names["yes"]).phase.value == "Running"
+
+    approved = _hitl(airflow, runs["yes"], "alice", "Approve")
+    assert approved.status_code == 200, approved.text
+    rejected = _hitl(airflow, runs["no"], "bob", "Reject")
+    assert rejected.status_code == 200, rejected.text
+    assert _hitl(airflow, runs["yes"], "bob", "Reject").status_code == 409  # answered once
+
+    assert wait_run(client, DELETE, runs["yes"]) == "success"
+    assert store.get_cluster(names["yes"]) is None and _teardowns(airflow, names["yes"]) == 1
+    reasons = [e.reason for e in store.events(names["yes"])]
+    assert reasons[reasons.index("ApprovalRequested"):][:2] == ["ApprovalRequested", "Approved"]
+    assert "approved by alice" in store.events(names["yes"])[reasons.index("Approved")].message
+    note = af.DagRunApi(client).get_dag_run(DELETE, runs["yes"]).note
+    assert note.startswith("approved by alice: approve_destructive: delete_cluster of "
+                           "cluster e2e-approve always needs approval"), note
+    assert "awaiting" not in note, note
+
+    for key, why in (("no", "rejected by bob"), ("late", "no answer from alice or bob within 5 s")):
+        name = names[key]
+        assert wait_run(client, DELETE, runs[key], timeout=120) == "failed"
+        record = store.require_cluster(name)
+        assert record.phase.value == "Running" and _teardowns(airflow, name) == 0
+        assert store.get_lease(name).holder is None  # the teardown released it
+        (refusal,) = [e for e in store.events(name) if e.reason.startswith("Approval")
+                      and e.reason != "ApprovalRequested"]
+        assert refusal.reason == {"no": "ApprovalRejected", "late": "ApprovalTimedOut"}[key]
+        assert refusal.kind == "Warning"
+        assert refusal.message.startswith(f"the delete of {name} was not done: {why} ")
+        assert refusal.message.endswith("; nothing was changed")
+        assert refusal.message in log_until(client, DELETE, runs[key], "admit", why)
+        # The scheduler writes the run's note when the run ends: the refusal, first line.
+        note, deadline = None, time.monotonic() + 30
+        while note is None and time.monotonic() < deadline:
+            note = af.DagRunApi(client).get_dag_run(DELETE, runs[key]).note
+            time.sleep(1)
+        assert note is not None and note.startswith(f"Failed at admit: {refusal.message}"), note
+
+    # Unbound, the rejected and timed-out clusters delete without asking.
+    for key in ("no", "late"):
+        r = _plugin(airflow, "policies/bindings", method="put",
+                    json={"cluster": names[key], "bindings": {"delete_cluster": []}})
+        assert r.status_code == 200, r.text
+        run = trigger(client, DELETE, {"name": names[key]})
+        assert wait_run(client, DELETE, run.dag_run_id) == "success"
+        assert store.get_cluster(names[key]) is None

@@ -189,6 +189,20 @@ def test_a_denied_deploy_and_a_dry_run_leave_nothing_behind(dags, running):
     assert Store().list_endpoints(include_deleted=True) == []
 
 
+def test_a_dry_deploy_reports_the_approval_it_would_wait_for(dags, running):
+    assert cli.main(["policies", "bind", "deploy_endpoint=approve_destructive", "--param",
+                     'approvers=["alice"]', "--param", 'always=["deploy_endpoint"]']) == 0
+    dr = run(dags, "airfleet_endpoint_deploy", {**endpoint(), "dry_run": True})
+    assert str(dr.state) == "success"
+    assert {t for t, s in states(dr).items() if s != "skipped"} == {"admit"}
+    report = dr.get_task_instance("admit").xcom_pull(task_ids="admit", key="dry_run")
+    assert report["approval"] == {
+        "reason": "approve_destructive: deploy_endpoint of cluster llm-a always needs "
+                  "approval (binding param always)",
+        "approvers": ["alice"], "timeout_seconds": 3600.0}
+    assert writes(running) == [] and Store().list_endpoints(include_deleted=True) == []
+
+
 def test_an_endpoint_flow_holds_the_clusters_lease(dags, running):
     Store().acquire_lease("llm-a", "someone/else")
     dr = deploy(dags)

@@ -297,3 +297,54 @@ def test_a_gx_suite_that_cannot_run_is_refused_at_bind_naming_it(fake, capsys, t
     err = capsys.readouterr().err
     assert f"--gx-suite {run_path}: " in err and fragment in err, err
     assert Store().bindings(every_scope=True) == [] and Store().policy_audit() == []
+
+
+# ---- approvals (the wait itself, approved and rejected over REST: tests/e2e/test_rest.py) ----
+
+def test_a_dry_delete_reports_the_approval_it_would_wait_for(dags, fake, capfd, caplog):
+    run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    bind("delete_cluster=approve_destructive", "--param", 'approvers=["alice", "bob"]',
+         "--param", 'always=["delete_cluster"]', "--param", "timeout_seconds=900")
+    before, calls = snapshot(), fake.calls()
+
+    dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a", "dry_run": True})
+
+    assert str(dr.state) == "success"
+    assert {t for t, state in states(dr).items() if state != "skipped"} == {"admit"}
+    assert snapshot() == before and fake.calls() == calls
+    report = dr.get_task_instance("admit").xcom_pull(task_ids="admit", key="dry_run")
+    assert report["allowed"] and report["approval"] == {
+        "reason": "approve_destructive: delete_cluster of cluster llm-a always needs approval "
+                  "(binding param always)",
+        "approvers": ["alice", "bob"], "timeout_seconds": 900.0}
+    assert "dry run: approval by alice or bob (up to 900 s): approve_destructive: " \
+           "delete_cluster of cluster llm-a always needs approval" in output(capfd, caplog)
+
+
+def test_approvals_no_one_could_give_deny_the_run_and_change_nothing(dags, fake, capfd, caplog,
+                                                                      tmp_path, monkeypatch):
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    for name, approver in (("ask_alice", "alice"), ("ask_bob", "bob")):
+        (folder / f"{name}.py").write_text(
+            "def evaluate(request):\n    return {'allowed': True, 'reason': 'ok', "
+            f"'approval': {{'reason': 'big', 'approvers': [{approver!r}]}}}}\n")
+    monkeypatch.setenv("AIRFLEET_POLICIES_DIR", str(folder))
+    run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
+    bind("delete_cluster=ask_alice,ask_bob")
+    before, calls = snapshot(), fake.calls()
+
+    dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a"})
+
+    assert str(dr.state) == "failed" and states(dr)["admit"] == "failed"
+    assert snapshot() == before and fake.calls() == calls
+    assert Store().get_lease("llm-a").holder is None
+    assert "denied by policy: approval: no user may approve: policy ask_alice names alice; " \
+           "policy ask_bob names bob" in output(capfd, caplog)
+
+
+def test_params_the_approval_policy_does_not_take_are_refused_when_bound(fake, capsys):
+    assert cli.main(["policies", "bind", "delete_cluster=approve_destructive",
+                     "--param", 'always=["delete_cluster"]']) != 0
+    assert "params: 'approvers' is a required property" in capsys.readouterr().err
+    assert Store().bindings(None, every_scope=True) == []

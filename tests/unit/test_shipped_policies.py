@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ("max_nodes", "cap_node_pool", "allowed_gpu_models", "min_workers",
-            "maintenance_window", "required_labels")
+            "maintenance_window", "required_labels", "approve_destructive")
 ACTIONS = ("create_cluster", "delete_cluster", "update_cluster", "onboard_cluster", "add_node",
            "remove_node", "scale_nodegroup", "deploy_endpoint", "scale_endpoint",
            "delete_endpoint")
@@ -76,7 +76,7 @@ def evaluate(policy: str, req: dict) -> dict:
     assert json.loads(json.dumps(decision)) == decision
     assert isinstance(decision["allowed"], bool)
     assert isinstance(decision["reason"], str) and decision["reason"].strip()
-    assert set(decision) <= {"allowed", "reason", "input"}
+    assert set(decision) <= {"allowed", "reason", "input", "approval"}
     return decision
 
 
@@ -374,6 +374,8 @@ SUBPROCESS_CASES = [
         "windows": [{"days": ["wed"], "start": "14:00", "end": "15:00"}],
         "timezone": "Asia/Tokyo", "actions": ["scale_nodegroup"]})),
     ("required_labels", request("create_cluster", params={"labels": {"owner": []}})),
+    ("approve_destructive", request("delete_cluster", params={"approvers": ["alice"],
+                                                              "always": ["delete_cluster"]})),
     ("stability", {**request("check_stability"), "input": {}}),
 ]
 
@@ -391,3 +393,5 @@ def test_each_shipped_policy_decides_the_same_in_subprocess_mode(name, req):
     assert decision.mode == "subprocess" and decision.isolation
     assert (decision.allowed, decision.reason) == (expected["allowed"], expected["reason"])
     assert decision.input == expected.get("input", req["input"])
+    assert decision.approval == (expected.get("approval") and
+                                 policy.check_approval(expected["approval"]))

@@ -3,7 +3,8 @@
 A policy is a module ``<name>.py`` in the policies folder (``AIRFLEET_POLICIES_DIR``) with a
 module-level ``evaluate(request)``. It returns a decision: ``{"allowed": bool, "reason": str}``,
 optionally with ``"input"``, the action's input changed in the fields the action lets a policy
-change (:data:`MUTABLE_INPUT`); a plain dict needs no import of ours. Bindings (in the store)
+change (:data:`MUTABLE_INPUT`), and ``"approval"``, a human's approval the run must wait for
+before it changes anything (:func:`check_approval`); a plain dict needs no import of ours. Bindings (in the store)
 name the policies that judge an action, globally or per cluster (per-cluster wins), and how
 each runs (:mod:`airfleet.policy.runner`; subprocess mode's sandbox:
 :mod:`airfleet.policy.sandbox`). Whatever goes wrong inside a policy (it raises,
@@ -36,6 +37,9 @@ MUTABLE_INPUT: dict[str, tuple[str, ...]] = {"create_cluster": ("node_pools", "l
                                              "scale_nodegroup": ("to",)}
 MODES = ("subprocess", "local", "http", "gx")  # gx: check_stability only (policy/gx.py)
 NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+APPROVAL_KEYS = ("reason", "approvers", "timeout_seconds")
+APPROVAL_DEFAULT_SECONDS = 3600.0
+APPROVAL_MAX_SECONDS = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class Decision:
     changed: tuple[str, ...] = ()  # the input fields the policy changed
     elapsed_ms: float = 0.0
     isolation: str | None = None  # how far the policy was kept from secrets (runner.isolation)
+    approval: dict[str, Any] | None = None  # allowed once a human approves (check_approval)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "changed": list(self.changed)}
@@ -153,7 +158,44 @@ def check_binding(binding: Binding, directory: Path | None = None) -> Binding:
         raise InvalidRequest(f"{where}: {path} is version {source_version(source)}, not "
                              f"{binding.version}; bind it without @version or with the "
                              "current one")
+    _check_params(binding.params, _declared_params(source, where), where)
     return binding
+
+
+def _declared_params(source: str, where: str) -> dict[str, Any] | None:
+    """The policy's ``PARAMS``, a JSON Schema of its binding's params written as a literal
+    (read, never executed: binding runs no policy code); None when it declares none."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "PARAMS" for t in node.targets):
+            try:
+                schema = ast.literal_eval(node.value)
+            except ValueError:
+                raise InvalidRequest(f"{where}: the policy's PARAMS is not a literal; write "
+                                     "its JSON Schema as a plain dict") from None
+            return schema if isinstance(schema, dict) else None
+    return None
+
+
+def _check_params(params: Any, schema: dict[str, Any] | None, where: str) -> None:
+    """Refuse params the policy's PARAMS schema refuses, naming the param."""
+    if schema is None:
+        return
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise InvalidRequest(f"{where}: the policy's PARAMS is not a JSON Schema: "
+                             f"{exc.message}") from None
+    error = jsonschema.exceptions.best_match(
+        jsonschema.validators.validator_for(schema)(schema).iter_errors(params))
+    if error is not None:
+        field = ""
+        for part in error.path:  # approvers[0], or a.b
+            field += f"[{part}]" if isinstance(part, int) else f".{part}" if field else part
+        raise InvalidRequest(f"{where}: {f'param {field}' if field else 'params'}: "
+                             f"{error.message} (the policy's docstring says what it takes)")
 
 
 # ---- deciding ------------------------------------------------------------------------------
@@ -229,10 +271,19 @@ def _decision(binding: Binding, version: str | None, given: Any, result: Any) ->
     if not isinstance(reason, str):
         return denied(f"answered a 'reason' that is not a string: {_short(reason)}")
     reason = reason or ("allowed" if allowed else "denied")
+    approval = None
+    if allowed and result.get("approval") is not None:  # a deny needs no approval
+        if binding.action == "check_stability":
+            return denied("asked an approval for check_stability, which changes nothing "
+                          "(a stability suite's verdict is the Stable condition)")
+        try:
+            approval = check_approval(result["approval"])
+        except ValueError as exc:
+            return denied(f"answered a bad approval: {exc}")
     changed_input = result.get("input")
     if changed_input is None or changed_input == given:
         return Decision(binding.action, allowed, reason, binding.policy, version,
-                        binding.mode, given)
+                        binding.mode, given, approval=approval)
     if not isinstance(changed_input, Mapping) or not isinstance(given, Mapping):
         return denied(f"answered an 'input' that is not an object: {_short(changed_input)}")
     changed = tuple(sorted(k for k in set(given) | set(changed_input)
@@ -243,7 +294,57 @@ def _decision(binding: Binding, version: str | None, given: Any, result: Any) ->
         return denied(f"changed input field(s) {', '.join(refused)}, which {binding.action} "
                       f"does not let a policy change (it may change: {allowed_fields})")
     return Decision(binding.action, allowed, reason, binding.policy, version, binding.mode,
-                    dict(changed_input), changed)
+                    dict(changed_input), changed, approval=approval)
+
+
+def check_approval(value: Any) -> dict[str, Any]:
+    """A policy's ``approval``: ``{"reason": str, "approvers": [Airflow user ids],
+    "timeout_seconds": number}`` (timeout default 3600 s, at most 7 days). Returns it
+    normalised; raises ValueError naming the field and the fix."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"approval must be an object with {', '.join(APPROVAL_KEYS)}, not "
+                         f"{_short(value)}")
+    unknown = sorted(set(value) - set(APPROVAL_KEYS))
+    if unknown:
+        raise ValueError(f"approval has unknown field(s) {', '.join(map(str, unknown))}; its "
+                         f"fields are {', '.join(APPROVAL_KEYS)}")
+    reason, approvers = value.get("reason"), value.get("approvers")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError("approval.reason: say why a human must approve (a non-empty string)")
+    if not isinstance(approvers, list | tuple) or not approvers or not all(
+            isinstance(a, str) and a.strip() for a in approvers):
+        raise ValueError("approval.approvers: name at least one Airflow user id who may "
+                         f"approve, e.g. [\"alice\"] (got {_short(approvers)})")
+    timeout = value.get("timeout_seconds", APPROVAL_DEFAULT_SECONDS)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or \
+            not 0 < timeout <= APPROVAL_MAX_SECONDS:
+        raise ValueError(f"approval.timeout_seconds: a number of seconds in (0, "
+                         f"{APPROVAL_MAX_SECONDS:g}], not {_short(timeout)}")
+    return {"reason": reason.strip(), "approvers": sorted({a.strip() for a in approvers}),
+            "timeout_seconds": float(timeout)}
+
+
+def verdict(decisions: Sequence[Decision]) -> dict[str, Any]:
+    """What a run makes of its policies' decisions: ``decisions`` (as dicts), ``denied`` (the
+    reasons of the denies) and ``approval``, the one approval the run waits for before it
+    changes anything (None: none asked). Asked by several policies, it needs a user every one
+    of them names, and waits no longer than the shortest of their timeouts; when no user is
+    named by all, no one can approve and the run is denied."""
+    denied = [d.reason for d in decisions if not d.allowed]
+    asked = [d for d in decisions if d.approval]
+    approval = None
+    if asked and not denied:
+        approvers = set.intersection(*(set(d.approval["approvers"]) for d in asked))
+        if approvers:
+            reasons = list(dict.fromkeys(f"{d.policy}: {d.approval['reason']}" for d in asked))
+            approval = {"reason": "; ".join(reasons), "approvers": sorted(approvers),
+                        "timeout_seconds": min(d.approval["timeout_seconds"] for d in asked)}
+        else:
+            denied.append("approval: no user may approve: " + "; ".join(
+                f"policy {d.policy} names {', '.join(d.approval['approvers'])}"
+                for d in asked) + " (an approver must be named by every policy that asks)")
+    return {"decisions": [d.to_dict() for d in decisions], "denied": denied,
+            "approval": approval}
 
 
 def _failed(binding: Binding, version: str | None, given: Any, why: str) -> Decision:

@@ -90,9 +90,11 @@ def _diff(old: Any, new: Any, path: str = "") -> list[str]:
 
 def policy_request(action: Action, cluster: dict[str, Any] | None, name: str,
                    record: Any | None, *, now: datetime, run: str | None,
-                   dry_run: bool) -> dict[str, Any]:
+                   dry_run: bool, endpoints: list[Any] | None = None) -> dict[str, Any]:
     """``cluster``: the desired cluster as JSON (None: the recorded one, for delete);
-    ``record``: the store's :class:`~airfleet.store.ClusterRecord`, None when unregistered.
+    ``record``: the store's :class:`~airfleet.store.ClusterRecord`, None when unregistered;
+    ``endpoints``: the endpoint versions the cluster serves (store records), given for the
+    actions that change a cluster or an endpoint.
     Credentials appear as references only: a sealed blob is replaced by ``"<sealed>"``."""
     if cluster is None and record is not None:
         cluster = record.cluster.model_dump(mode="json", include={"metadata", "spec"})
@@ -105,7 +107,10 @@ def policy_request(action: Action, cluster: dict[str, Any] | None, name: str,
                         "status": status},
             "input": copy.deepcopy(action["input"]),
             "health": _health(status),
-            "now": now.isoformat(), "run": run, "dry_run": dry_run}
+            "now": now.isoformat(), "run": run, "dry_run": dry_run,
+            **({} if endpoints is None else {"endpoints": [
+                {"name": e.name, "version": e.version, "phase": e.phase.value}
+                for e in endpoints]})}
 
 
 def _health(status: dict[str, Any] | None) -> dict[str, Any] | None:
