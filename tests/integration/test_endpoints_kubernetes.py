@@ -256,7 +256,20 @@ def test_a_cluster_that_serves_endpoints_is_deleted_only_with_force(dags, runnin
     assert writes(running) == []
     assert Store().require_cluster("llm-a").phase.value == "Running"
 
-    dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a", "force": True})
+    # approve_destructive sees the endpoints in its request: a forced delete would wait for
+    # an approval naming them (a dry run reports it and changes nothing).
+    assert cli.main(["policies", "bind", "delete_cluster=approve_destructive", "--param",
+                     'approvers=["alice"]']) == 0
+    dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a", "force": True, "dry_run": True})
+    assert str(dr.state) == "success"
+    report = dr.get_task_instance("admit").xcom_pull(task_ids="admit", key="dry_run")
+    assert report["approval"]["reason"] == (
+        "approve_destructive: deleting cluster llm-a removes the endpoints it serves: chat")
+    assert writes(running) == []
+    assert cli.main(["policies", "bind", "delete_cluster="]) == 0
+
+    # dry_run False said: dag.test() of the same DAG object keeps a param a run's conf set.
+    dr = run(dags, "airfleet_cluster_delete", {"name": "llm-a", "force": True, "dry_run": False})
     assert str(dr.state) == "success", states(dr)
     assert running.get("Namespace", NS) is None
     assert version("chat", "v1") is None
