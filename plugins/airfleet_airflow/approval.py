@@ -21,7 +21,7 @@ from typing import Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOperator
 
-from airfleet_airflow.flow import ADMIT, _store, permanent_error, say
+from airfleet_airflow.flow import ADMIT, _lease, _store, permanent_error, say
 
 ADMISSION = "admission"  # XCom key: what decide found, kept for the writes after the wait
 LEASE_MARGIN_SECONDS = 300  # the lease outlives the wait by this much
@@ -60,10 +60,10 @@ class AdmitOperator(ApprovalOperator):
             self._refuse(admission, "ApprovalTimedOut",
                          f"no answer from {_who(approval)} within "
                          f"{approval['timeout_seconds']:g} s")
-        by = (answer["responded_by_user"] or {}).get("name") or "the timeout default"
+        by = (answer["responded_by_user"] or {}).get("name") or "an unrecorded user"
         if answer["chosen_options"] != [self.APPROVE]:
             self._refuse(admission, "ApprovalRejected", f"rejected by {by}")
-        lease = _lease(admission)
+        lease = _lease(admission["lease"])
         try:  # still ours? (a run that waited past its lease may have been overtaken)
             store = _store()
             store.renew_lease(lease.name, lease.holder, lease.token)
@@ -83,7 +83,7 @@ class AdmitOperator(ApprovalOperator):
 
     def _ask(self, context: Any, admission: dict[str, Any]) -> None:
         """Record the request and park the task (raises TaskAwaitingInput)."""
-        approval, lease = admission["approval"], _lease(admission)
+        approval, lease = admission["approval"], _lease(admission["lease"])
         wait = approval["timeout_seconds"]
         try:
             store = _store()
@@ -112,7 +112,7 @@ class AdmitOperator(ApprovalOperator):
     def _refuse(self, admission: dict[str, Any], reason: str, why: str) -> None:
         from airflow.sdk.exceptions import AirflowFailException
 
-        lease = _lease(admission)
+        lease = _lease(admission["lease"])
         message = (f"the {_what(self.flow, admission, lease)} was not done: {why} "
                    f"({admission['approval']['reason']}); nothing was changed")
         try:
@@ -130,12 +130,6 @@ class AdmitOperator(ApprovalOperator):
         if later:
             self.skip(ti=context["ti"], tasks=later)
         return None
-
-
-def _lease(admission: dict[str, Any]):
-    from airfleet.flows import LeaseRef
-
-    return LeaseRef.from_dict(admission["lease"])
 
 
 def _note(store: Any, lease: Any, reason: str, message: str, kind: str = "Normal") -> None:
