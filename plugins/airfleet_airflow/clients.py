@@ -4,17 +4,17 @@ The core never reads an Airflow connection (ARCHITECTURE.md): this module does, 
 and hands the backend what it needs. Secrets stay in memory: they are never returned to XCom,
 logged, or put on a command line.
 
-SSH credentials follow the SSH provider's connection conventions: the private key in the
-``private_key`` extra (or a ``key_file`` path), the host key in the ``host_key`` extra; the
-login and port of the spec win over the connection's. A vault (or sealed) SSH credential holds
-the private key text, or JSON ``{"private_key": ..., "host_key": ...}``.
+SSH goes through the SSH provider's hook (``ssh_hook.NodeSSHHook``, an ``SSHHookAsync``): an
+Airflow SSH connection is read as the provider reads it (the ``private_key`` or ``key_file``
+extra, ``private_key_passphrase``, the ``host_key`` extra); the login and port of the spec win
+over the connection's. A vault (or sealed) SSH credential holds the private key text, or JSON
+``{"private_key": ..., "host_key": ..., "passphrase": ...}``.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 from typing import Any
 
 from airfleet.errors import InvalidRequest
@@ -36,15 +36,23 @@ def clients_for(cluster: Cluster) -> dict[str, Any]:
 
 
 def ssh_access(cluster: Cluster):
-    from airfleet.backends.ssh.remote import InvalidNodeAccess, NodeAccess
+    """The nodes' ``NodeAccess``, its connections opened by the SSH provider's hook."""
+    from airfleet.backends.ssh.remote import InvalidNodeAccess
+    from airfleet_airflow.ssh_hook import NodeSSHHook
 
     cfg = cluster.spec.config.ssh
-    secret = _ssh_secret(cfg.credential)
-    host_key = None if cfg.known_hosts else secret.get("host_key")
+    ref = cfg.credential
+    where = dict(username=cfg.user, port=cfg.port, known_hosts=cfg.known_hosts)
+    if ref.airflow_conn_id:
+        conn = _connection(ref.airflow_conn_id, SSH_FIELD)
+        hook = NodeSSHHook(ref.airflow_conn_id, **where)
+    else:
+        conn, secret = None, _vault_ssh_secret(ref)
+        hook = NodeSSHHook(private_key=secret["private_key"],
+                           passphrase=secret.get("passphrase") or "",
+                           host_key=secret.get("host_key"), **where)
     try:
-        return NodeAccess(user=cfg.user, port=cfg.port, private_key=secret["private_key"],
-                          passphrase=secret.get("passphrase"), known_hosts=cfg.known_hosts,
-                          host_key=host_key)
+        return hook.node_access(conn)
     except InvalidNodeAccess as exc:
         raise InvalidRequest(f"{SSH_FIELD}: {exc}") from None
 
@@ -193,18 +201,7 @@ def registry_login(cluster: Cluster) -> dict[str, str] | None:
     return out
 
 
-def _ssh_secret(ref: CredentialRef) -> dict[str, str]:
-    if ref.airflow_conn_id:
-        conn = _connection(ref.airflow_conn_id, SSH_FIELD)
-        extra = conn.extra_dejson
-        key = extra.get("private_key")
-        if not key and extra.get("key_file"):
-            key = Path(extra["key_file"]).expanduser().read_text()
-        if not key:
-            raise InvalidRequest(f"{SSH_FIELD}: Airflow connection {ref.airflow_conn_id!r} has "
-                                 "no private_key (or key_file) extra; add the node's key there")
-        return {"private_key": key, "host_key": extra.get("host_key"),
-                "passphrase": extra.get("private_key_passphrase")}
+def _vault_ssh_secret(ref: CredentialRef) -> dict[str, str]:
     text = _vault_text(ref, SSH_FIELD)
     try:
         data = json.loads(text)

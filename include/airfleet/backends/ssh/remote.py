@@ -1,7 +1,11 @@
 """Run commands on static nodes over SSH (asyncssh), with pinned host keys.
 
 A :class:`Remote` holds one SSH connection per node, opened on first use and reused by every
-command of the same ``async with`` block (one task), closed at its end. :meth:`Remote.run`
+command of the same ``async with`` block (one task), closed at its end. In Airflow the
+connections are opened by the SSH provider's ``SSHHookAsync`` (``airfleet_airflow.hooks.
+NodeSSHHook``, which reads the Airflow connection and hands over a :class:`NodeAccess` whose
+``connector`` it is); without Airflow (the CLI, tests) :class:`NodeAccess` opens them itself,
+with the same options (:func:`ssh_options`). :meth:`Remote.run`
 runs one command; :meth:`Remote.run_all` fans a command out over nodes with bounded
 concurrency, each node under its own timeout. Plain (synchronous) Airflow tasks call
 :func:`run_sync`.
@@ -27,7 +31,7 @@ import os
 import shlex
 import struct
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -41,6 +45,8 @@ log = logging.getLogger(__name__)
 logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 T = TypeVar("T")
+# Opens the SSH connection to one node (address -> connection), with ssh_options(access).
+Connector = Callable[[str], Awaitable["asyncssh.SSHClientConnection"]]
 
 KEEPALIVE_INTERVAL = 15  # seconds
 KEEPALIVE_COUNT_MAX = 3  # unanswered keepalives before the connection counts as dead
@@ -185,6 +191,8 @@ class NodeAccess:
     passphrase: str | None = field(default=None, repr=False)
     connect_timeout: float = 10.0
     command_timeout: float = 120.0
+    # Who opens the connections (the SSH provider's hook, in Airflow); None: asyncssh here.
+    connector: Connector | None = field(default=None, repr=False, compare=False)
     _client_key: Any = field(init=False, repr=False, compare=False)
     _trusted: Any = field(init=False, repr=False, compare=False)
 
@@ -206,6 +214,12 @@ class NodeAccess:
                 "private key, or the right passphrase") from None
         object.__setattr__(self, "_client_key", key)
 
+    async def connect(self, node: str) -> asyncssh.SSHClientConnection:
+        """A new SSH connection to ``node`` (with :func:`ssh_options`)."""
+        if self.connector is not None:
+            return await self.connector(node)
+        return await asyncssh.connect(node, **ssh_options(self))
+
 
 def _pinning(known_hosts: str | None, host_key: str | None) -> asyncssh.SSHKnownHosts:
     if known_hosts and host_key:
@@ -223,6 +237,11 @@ def _pinning(known_hosts: str | None, host_key: str | None) -> asyncssh.SSHKnown
         if len(words) < 2 or not words[0].startswith(("ssh-", "ecdsa-", "sk-")):
             raise InvalidNodeAccess(f"host_key {host_key[:40]!r}...: expected "
                                     "'<keytype> <base64>', e.g. 'ssh-ed25519 AAAA...'")
+        actual = _key_type(words[1])
+        if actual != words[0]:
+            raise InvalidNodeAccess(
+                f"host_key says {words[0]} but the key is {actual}: write '{actual} <base64>' "
+                "(Airflow's SSH hooks read a bare base64 host_key extra as ssh-rsa)")
         try:
             asyncssh.import_public_key(f"{words[0]} {words[1]}")
         except (asyncssh.KeyImportError, ValueError):
@@ -359,7 +378,7 @@ class Remote:
         access = self.access
         started = time.monotonic()
         try:
-            conn = await asyncssh.connect(node, **ssh_options(access))
+            conn = await access.connect(node)
         except asyncssh.HostKeyNotVerifiable as exc:
             raise HostKeyRejected(node, command, exc.reason) from None
         except asyncssh.PermissionDenied as exc:
