@@ -2,8 +2,8 @@
 
 A :class:`Remote` holds one SSH connection per node, opened on first use and reused by every
 command of the same ``async with`` block (one task), closed at its end. In Airflow the
-connections are opened by the SSH provider's ``SSHHookAsync`` (``airfleet_airflow.hooks.
-NodeSSHHook``, which reads the Airflow connection and hands over a :class:`NodeAccess` whose
+connections are opened by the SSH provider's ``SSHHookAsync`` (``airfleet_airflow.ssh_hook.
+NodeSSHHook``: it reads the Airflow connection and hands over a :class:`NodeAccess` whose
 ``connector`` it is); without Airflow (the CLI, tests) :class:`NodeAccess` opens them itself,
 with the same options (:func:`ssh_options`). :meth:`Remote.run`
 runs one command; :meth:`Remote.run_all` fans a command out over nodes with bounded
