@@ -25,8 +25,9 @@ reachability is "host not probed" too). A real head's dashboard answers on its l
 and production probes reach it through an SSH forward, one SSH connection per cluster per
 probe. What that costs was measured on real sshd nodes with a real Ray head by
 tests/benchmarks/test_tunnel_cost.py: read from its ``results/tunnel_cost.json`` when that
-exists, else the figures it printed on this machine (``MEASURED_TUNNEL``). The printout adds
-it to each measured check as a projection, not a measurement:
+exists (``make bench`` runs it first: this run's figure), else the figures it printed on this
+machine (``MEASURED_TUNNEL``). The printout adds it to each measured check as a projection,
+not a measurement:
 
 - slot time: every probe holds its slot ``tunnel_adds_per_probe_ms`` longer, so
   ``wall + clusters * tunnel_ms / concurrency``;
