@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -34,7 +34,9 @@ from airfleet.errors import (
     ClusterUnhealthy,
     Conflict,
     InvalidRequest,
+    LeaseHeld,
     NotFound,
+    StaleFencingToken,
     TeardownIncomplete,
 )
 from airfleet.policy import Binding, plan
@@ -244,7 +246,7 @@ def record_desired(store: Store, lease: LeaseRef, request: dict[str, Any],
                    vault_put: Callable[[str, str], str] | None = None) -> ClusterRecord:
     """Update flow: record the desired spec (generation grows when it changed)."""
     req = store_sealed_credentials(ClusterRequest.model_validate(request), vault_put)
-    return store.update_spec(req, run_id=lease.holder, token=lease.token)
+    return _as_holder(lambda: store.update_spec(req, run_id=lease.holder, token=lease.token))
 
 
 def begin(store: Store, lease: LeaseRef, phase: Phase, reason: str) -> ClusterRecord:
@@ -292,11 +294,14 @@ def _prepare(store: Store, lease: LeaseRef, verb: str, clients_for: ClientsFor |
 def finish(store: Store, lease: LeaseRef, phase: Phase, reason: str,
            message: str = "") -> ClusterRecord:
     """The flow's outcome; marks the recorded spec generation as observed."""
-    record = store.require_cluster(lease.name)
-    status = record.cluster.status.model_copy(
-        update={"phase": phase, "message": message or reason, "observed_at": now()})
-    return store.set_status(lease.name, status, reason=reason, run_id=lease.holder,
-                            token=lease.token, observed_generation=record.generation)
+    def write() -> ClusterRecord:
+        record = store.require_cluster(lease.name)
+        status = record.cluster.status.model_copy(
+            update={"phase": phase, "message": message or reason, "observed_at": now()})
+        return store.set_status(lease.name, status, reason=reason, run_id=lease.holder,
+                                token=lease.token, observed_generation=record.generation,
+                                expected_version=record.version)
+    return _as_holder(write)
 
 
 MANAGED = (Provider.EKS, Provider.AKS)  # clusters a delete removes whole (deprovision)
@@ -753,13 +758,38 @@ def _record_observation(store: Store, lease: LeaseRef, seen: Observation) -> Non
 
 
 def _update_status(store: Store, lease: LeaseRef, **changes: Any) -> ClusterRecord:
-    record = store.require_cluster(lease.name)
-    status = record.cluster.status.model_copy(update={**changes, "observed_at": now()})
-    return store.set_status(lease.name, status, reason="Progress", run_id=lease.holder,
-                            token=lease.token, expected_version=record.version)
+    def write() -> ClusterRecord:
+        record = store.require_cluster(lease.name)
+        status = record.cluster.status.model_copy(update={**changes, "observed_at": now()})
+        return store.set_status(lease.name, status, reason="Progress", run_id=lease.holder,
+                                token=lease.token, expected_version=record.version)
+    return _as_holder(write)
 
 
 def _set_phase(store: Store, lease: LeaseRef, phase: Phase, reason: str,
                message: str) -> ClusterRecord:
-    return store.transition(lease.name, phase, reason=reason, message=message,
-                            run_id=lease.holder, token=lease.token)
+    return _as_holder(lambda: store.transition(lease.name, phase, reason=reason,
+                                               message=message, run_id=lease.holder,
+                                               token=lease.token))
+
+
+T = TypeVar("T")
+HOLDER_WRITE_ATTEMPTS = 5
+
+
+def _as_holder(write: Callable[[], T]) -> T:
+    """A lease holder's read-then-write of its cluster, read and written again when it lost
+    the race to a health check: those hold no lease and may write a status between the
+    holder's read and its write (a version conflict), and failing the run for that would
+    fail an update because the fleet was being checked. Another run cannot be the writer:
+    the lease keeps it out, and a holder whose lease was taken over is still refused
+    (StaleFencingToken, never retried)."""
+    for attempt in range(2, HOLDER_WRITE_ATTEMPTS + 1):
+        try:
+            return write()
+        except (LeaseHeld, StaleFencingToken):
+            raise
+        except Conflict:
+            log.info("a health check wrote the cluster meanwhile: reading it again "
+                     "(attempt %d)", attempt)
+    return write()

@@ -11,9 +11,9 @@ import pytest
 
 from airfleet import flows
 from airfleet.backends import Observation
-from airfleet.errors import StaleFencingToken, TeardownIncomplete
+from airfleet.errors import Conflict, StaleFencingToken, TeardownIncomplete
 from airfleet.resources import ClusterRequest, ClusterStatus, Phase
-from airfleet.store import Store
+from airfleet.store import StatusWrite, Store, now
 from tests.fakes.recording_backend import RecordingBackend
 
 REQUEST = {"metadata": {"name": "llm-a"},
@@ -138,6 +138,59 @@ def test_a_health_check_never_overwrites_what_a_flow_wrote_during_the_probe(stor
     record = store.require_cluster("llm-a")
     assert record.phase is Phase.RUNNING
     assert record.cluster.status.message == "written by a flow during the probe"
+
+
+def _health_writes_after_each_read(store: Store, monkeypatch, times: int) -> list[int]:
+    """The next ``times`` reads of the cluster are each followed by a health check's status
+    write (as ``set_statuses`` does it, on the version the check read): a lease holder's
+    write after that read finds the version moved. Returns the versions the check wrote."""
+    read, written = store.require_cluster, []
+
+    def read_then_health_writes(name):
+        record = read(name)
+        if len(written) < times:
+            seen = record.cluster.status.model_copy(update={"message": "probed",
+                                                            "observed_at": now()})
+            assert store.set_statuses([StatusWrite(name, seen, record.version)],
+                                      reason="HealthCheck", run_id="health/1") == [True]
+            written.append(record.version + 1)
+        return record
+
+    monkeypatch.setattr(store, "require_cluster", read_then_health_writes)
+    return written
+
+
+@pytest.mark.parametrize("step", ["begin", "update_status", "finish"])
+def test_a_health_check_writing_between_a_holders_read_and_write_does_not_fail_the_run(
+        store, monkeypatch, step):
+    _running(store)
+    lease = flows.acquire(store, "llm-a", "update/1")
+    written = _health_writes_after_each_read(store, monkeypatch, times=2)
+    write = {"begin": lambda: flows.begin(store, lease, Phase.UPDATING, "Update"),
+             "update_status": lambda: flows._update_status(store, lease, message="applied"),
+             "finish": lambda: flows.finish(store, lease, Phase.RUNNING, "Updated")}[step]
+
+    record = write()
+    assert len(written) == 2  # the holder lost the race twice, then wrote on a fresh read
+    assert record.version == written[-1] + 1
+    assert record.cluster.status.last_run_id == "update/1"
+
+
+def test_a_holder_that_keeps_losing_the_race_fails_and_a_stale_one_is_not_retried(
+        store, monkeypatch):
+    _running(store)
+    lease = flows.acquire(store, "llm-a", "update/1")
+    written = _health_writes_after_each_read(store, monkeypatch, times=99)
+    with pytest.raises(Conflict, match="changed since version"):
+        flows.begin(store, lease, Phase.UPDATING, "Update")
+    assert len(written) == flows.HOLDER_WRITE_ATTEMPTS
+
+    store.break_lease("llm-a")
+    flows.acquire(store, "llm-a", "delete/2")
+    written.clear()
+    with pytest.raises(StaleFencingToken):
+        flows.begin(store, lease, Phase.UPDATING, "Update")
+    assert len(written) == 1  # refused at once: no second read
 
 
 def test_a_health_check_skips_older_observations_and_unknown_names(store):
