@@ -57,6 +57,7 @@ from airfleet.store import ClusterRecord, StatusWrite, Store, now
 from airfleet.vault import Vault
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Builds the clients a backend needs for a cluster (from Airflow hooks, in the plugin layer).
 ClientsFor = Callable[[Cluster], Mapping[str, Any]]
@@ -773,15 +774,15 @@ def _set_phase(store: Store, lease: LeaseRef, phase: Phase, reason: str,
                                                token=lease.token))
 
 
-T = TypeVar("T")
 HOLDER_WRITE_ATTEMPTS = 5
 
 
 def _as_holder(write: Callable[[], T]) -> T:
     """A lease holder's read-then-write of its cluster, read and written again when it lost
-    the race to a health check: those hold no lease and may write a status between the
-    holder's read and its write (a version conflict), and failing the run for that would
-    fail an update because the fleet was being checked. Another run cannot be the writer:
+    the race to a writer without the lease (a health check, or a stability check run now):
+    such a writer may write a status between the holder's read and its write (a version
+    conflict), and failing the run for that would fail an update because the fleet was
+    being checked. Another run cannot be the writer:
     the lease keeps it out, and a holder whose lease was taken over is still refused
     (StaleFencingToken, never retried)."""
     for attempt in range(2, HOLDER_WRITE_ATTEMPTS + 1):
@@ -790,6 +791,6 @@ def _as_holder(write: Callable[[], T]) -> T:
         except (LeaseHeld, StaleFencingToken):
             raise
         except Conflict:
-            log.info("a health check wrote the cluster meanwhile: reading it again "
-                     "(attempt %d)", attempt)
+            log.info("the cluster was written meanwhile without the lease (a health or "
+                     "stability check): reading it again (attempt %d)", attempt)
     return write()
