@@ -36,7 +36,7 @@ from airfleet.endpoints import (
     rebalanced,
 )
 from airfleet.errors import InvalidRequest
-from airfleet.flows import LeaseRef
+from airfleet.flows import LeaseRef, as_holder
 from airfleet.policy import plan
 from airfleet.resources import Cluster, parse_conf
 from airfleet.store import EndpointRecord, Store, now
@@ -215,15 +215,17 @@ def record(store: Store, lease: LeaseRef, checked: dict[str, Any]) -> None:
         if current is None or version == checked["target"]:
             store.put_endpoint(request, run_id=lease.holder, token=lease.token)
         elif current.endpoint.spec.traffic_weight != request.spec.traffic_weight:
-            store.set_endpoint_spec(
-                checked["name"], version, {"traffic_weight": request.spec.traffic_weight},
-                reason="TrafficShifted",
-                message=f"weight {current.endpoint.spec.traffic_weight} -> "
-                        f"{request.spec.traffic_weight}", run_id=lease.holder,
-                token=lease.token)
+            _shift_weight(store, lease, current, request.spec.traffic_weight)
     if checked["target"]:
         _phase(store, lease, checked["name"], checked["target"], EndpointPhase.DEPLOYING,
                "Deploying", f"{checked['flow'].removeprefix('endpoint_')} by {lease.holder}")
+
+
+def _shift_weight(store: Store, lease: LeaseRef, current: EndpointRecord, weight: int) -> None:
+    as_holder(lambda: store.set_endpoint_spec(
+        current.name, current.version, {"traffic_weight": weight}, reason="TrafficShifted",
+        message=f"weight {current.endpoint.spec.traffic_weight} -> {weight}",
+        run_id=lease.holder, token=lease.token))
 
 
 def deploy(store: Store, lease: LeaseRef, checked: dict[str, Any],
@@ -259,12 +261,16 @@ def finish(store: Store, lease: LeaseRef, name: str, version: str,
            seen: EndpointObservation) -> None:
     """The deploy's outcome from the last look: Running with the ready replicas and URL, or
     Failed with what was not ready."""
-    record_ = store.require_endpoint(name, version)
-    phase = EndpointPhase.RUNNING if seen.healthy else EndpointPhase.FAILED
-    status = _observed(record_, phase, seen)
-    store.set_endpoint_status(name, version, status, reason="Ready" if seen.healthy else
-                              "NotReady", run_id=lease.holder, token=lease.token,
-                              observed_generation=record_.generation)
+    def write() -> None:
+        record_ = store.require_endpoint(name, version)
+        phase = EndpointPhase.RUNNING if seen.healthy else EndpointPhase.FAILED
+        store.set_endpoint_status(name, version, _observed(record_, phase, seen),
+                                  reason="Ready" if seen.healthy else "NotReady",
+                                  run_id=lease.holder, token=lease.token,
+                                  expected_version=record_.row_version,
+                                  observed_generation=record_.generation)
+
+    as_holder(write)
 
 
 def delete(store: Store, lease: LeaseRef, checked: dict[str, Any],
@@ -397,11 +403,14 @@ def _observed(record_: EndpointRecord, phase: EndpointPhase, seen: EndpointObser
 
 def _phase(store: Store, lease: LeaseRef, name: str, version: str, phase: EndpointPhase,
            reason: str, message: str) -> None:
-    current = store.require_endpoint(name, version)
-    status = current.endpoint.status.model_copy(update={"phase": phase, "message": message,
-                                                        "observed_at": now()})
-    store.set_endpoint_status(name, version, status, reason=reason, run_id=lease.holder,
-                              token=lease.token)
+    def write() -> None:
+        current = store.require_endpoint(name, version)
+        status = current.endpoint.status.model_copy(update={"phase": phase, "message": message,
+                                                            "observed_at": now()})
+        store.set_endpoint_status(name, version, status, reason=reason, run_id=lease.holder,
+                                  token=lease.token, expected_version=current.row_version)
+
+    as_holder(write)
 
 
 def _cluster_and_context(store: Store, lease: LeaseRef, clients_for: ClientsFor | None,

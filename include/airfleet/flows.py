@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -247,7 +248,7 @@ def record_desired(store: Store, lease: LeaseRef, request: dict[str, Any],
                    vault_put: Callable[[str, str], str] | None = None) -> ClusterRecord:
     """Update flow: record the desired spec (generation grows when it changed)."""
     req = store_sealed_credentials(ClusterRequest.model_validate(request), vault_put)
-    return _as_holder(lambda: store.update_spec(req, run_id=lease.holder, token=lease.token))
+    return as_holder(lambda: store.update_spec(req, run_id=lease.holder, token=lease.token))
 
 
 def begin(store: Store, lease: LeaseRef, phase: Phase, reason: str) -> ClusterRecord:
@@ -302,7 +303,7 @@ def finish(store: Store, lease: LeaseRef, phase: Phase, reason: str,
         return store.set_status(lease.name, status, reason=reason, run_id=lease.holder,
                                 token=lease.token, observed_generation=record.generation,
                                 expected_version=record.version)
-    return _as_holder(write)
+    return as_holder(write)
 
 
 MANAGED = (Provider.EKS, Provider.AKS)  # clusters a delete removes whole (deprovision)
@@ -363,12 +364,18 @@ def _endpoints_gone(store: Store, lease: LeaseRef, left_behind: list[str]) -> No
     message = f"removed with cluster {lease.name}" + (
         f", which was deleted by force and left behind: {'; '.join(left_behind)}"
         if left_behind else "")
-    for record in store.list_endpoints(cluster=lease.name):
+
+    def gone(name: str, version: str) -> None:
+        record = store.require_endpoint(name, version)
         status = record.endpoint.status.model_copy(update={
             "phase": EndpointPhase.DELETED, "message": message, "ready_replicas": 0,
             "observed_at": now()})
-        store.set_endpoint_status(record.name, record.version, status, reason="ClusterDeleted",
-                                  run_id=lease.holder, token=lease.token)
+        store.set_endpoint_status(name, version, status, reason="ClusterDeleted",
+                                  run_id=lease.holder, token=lease.token,
+                                  expected_version=record.row_version)
+
+    for record in store.list_endpoints(cluster=lease.name):
+        as_holder(partial(gone, record.name, record.version))
 
 
 def fail(store: Store, lease: LeaseRef, reason: str, message: str) -> ClusterRecord:
@@ -764,33 +771,32 @@ def _update_status(store: Store, lease: LeaseRef, **changes: Any) -> ClusterReco
         status = record.cluster.status.model_copy(update={**changes, "observed_at": now()})
         return store.set_status(lease.name, status, reason="Progress", run_id=lease.holder,
                                 token=lease.token, expected_version=record.version)
-    return _as_holder(write)
+    return as_holder(write)
 
 
 def _set_phase(store: Store, lease: LeaseRef, phase: Phase, reason: str,
                message: str) -> ClusterRecord:
-    return _as_holder(lambda: store.transition(lease.name, phase, reason=reason,
-                                               message=message, run_id=lease.holder,
-                                               token=lease.token))
+    return as_holder(lambda: store.transition(lease.name, phase, reason=reason,
+                                              message=message, run_id=lease.holder,
+                                              token=lease.token))
 
 
 HOLDER_WRITE_ATTEMPTS = 5
 
 
-def _as_holder(write: Callable[[], T]) -> T:
-    """A lease holder's read-then-write of its cluster, read and written again when it lost
-    the race to a writer without the lease (a health check, or a stability check run now):
-    such a writer may write a status between the holder's read and its write (a version
-    conflict), and failing the run for that would fail an update because the fleet was
-    being checked. Another run cannot be the writer:
-    the lease keeps it out, and a holder whose lease was taken over is still refused
-    (StaleFencingToken, never retried)."""
+def as_holder(write: Callable[[], T]) -> T:
+    """A lease holder's read-then-write of its cluster (or of an endpoint on it), read and
+    written again when it lost the race to a writer without the lease (a health check, or a
+    stability check run now): such a writer may write a status between the holder's read and
+    its write (a version conflict), and failing the run for that would fail an update because
+    the fleet was being checked. Another run cannot be the writer: the lease keeps it out, and
+    a holder whose lease was taken over is still refused (StaleFencingToken, never retried)."""
     for attempt in range(2, HOLDER_WRITE_ATTEMPTS + 1):
         try:
             return write()
         except (LeaseHeld, StaleFencingToken):
             raise
         except Conflict:
-            log.info("the cluster was written meanwhile without the lease (a health or "
-                     "stability check): reading it again (attempt %d)", attempt)
+            log.info("written meanwhile without the lease (a health or stability check): "
+                     "reading it again (attempt %d)", attempt)
     return write()

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from airfleet import flows
-from airfleet.backends import Observation
+from airfleet import endpoint_flows, flows
+from airfleet.backends import EndpointObservation, Observation
+from airfleet.endpoints import EndpointPhase, EndpointRequest, example_endpoint
 from airfleet.errors import Conflict, StaleFencingToken, TeardownIncomplete
 from airfleet.resources import ClusterRequest, ClusterStatus, Phase
 from airfleet.store import StatusWrite, Store, now
@@ -191,6 +192,49 @@ def test_a_holder_that_keeps_losing_the_race_fails_and_a_stale_one_is_not_retrie
     with pytest.raises(StaleFencingToken):
         flows.begin(store, lease, Phase.UPDATING, "Update")
     assert len(written) == 1  # refused at once: no second read
+
+
+def _endpoint_health_writes_after_each_read(store: Store, monkeypatch, times: int) -> list[int]:
+    """As :func:`_health_writes_after_each_read`, for the endpoint version a holder reads: the
+    next ``times`` reads are each followed by the endpoint probe's status write."""
+    read, written = store.require_endpoint, []
+
+    def read_then_health_writes(name, version):
+        record_ = read(name, version)
+        if len(written) < times:
+            seen = record_.endpoint.status.model_copy(update={"message": "probed",
+                                                              "observed_at": now()})
+            assert store.set_endpoint_status(name, version, seen, reason="HealthCheck",
+                                             run_id="health/1", only_if_newer=True)
+            written.append(record_.row_version + 1)
+        return record_
+
+    monkeypatch.setattr(store, "require_endpoint", read_then_health_writes)
+    return written
+
+
+@pytest.mark.parametrize("step", ["deploying", "finish"])
+def test_an_endpoint_probe_writing_between_a_holders_read_and_write_does_not_fail_the_run(
+        store, monkeypatch, step):
+    _running(store)
+    lease = flows.acquire(store, "llm-a", "deploy/1")
+    store.put_endpoint(EndpointRequest.model_validate(example_endpoint()), run_id=lease.holder,
+                       token=lease.token)
+    deploying = lambda: endpoint_flows._phase(  # noqa: E731
+        store, lease, "chat", "v1", EndpointPhase.DEPLOYING, "Deploying", "deploy by deploy/1")
+    if step == "finish":
+        deploying()
+    written = _endpoint_health_writes_after_each_read(store, monkeypatch, times=2)
+
+    {"deploying": deploying,
+     "finish": lambda: endpoint_flows.finish(store, lease, "chat", "v1", EndpointObservation(
+         True, "1/1 ready", ready_replicas=1, replicas=1))}[step]()
+    record_ = store.require_endpoint("chat", "v1")
+    assert len(written) == 2  # the holder lost the race twice, then wrote on a fresh read
+    assert record_.row_version == written[-1] + 1
+    assert record_.phase is {"deploying": EndpointPhase.DEPLOYING,
+                             "finish": EndpointPhase.RUNNING}[step]
+    assert record_.endpoint.status.last_run_id == "deploy/1"
 
 
 def test_a_health_check_skips_older_observations_and_unknown_names(store):
