@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from airfleet.backends.ssh import dashboard
 
@@ -83,6 +84,12 @@ def tcp_connect(node, host: str, port: int) -> str:
 
 
 def stop_ray(farm) -> None:
-    for node in farm.nodes:
-        if node.running:
+    """`ray stop --force` on every node where a Ray process is left, the nodes at once. A test
+    that deleted its cluster left none, and the ray CLI's start-up alone takes 2-3 s a node."""
+    def stop(node) -> None:
+        if any(k in p for p in node.processes() for k in (*RAY_PROCESS, "/ray/")):
             node.run("ray stop --force >/dev/null 2>&1 || true", check=False)
+
+    running = [node for node in farm.nodes if node.running]
+    with ThreadPoolExecutor(max(1, len(running))) as pool:
+        list(pool.map(stop, running))
