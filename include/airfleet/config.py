@@ -10,6 +10,8 @@
   operation) asks the cloud again, in the triggerer. Default: 30.
 - ``AIRFLEET_LEASE_SECONDS``: how long a flow's lease on a cluster lasts unless renewed; a
   wait in Airflow's triggerer renews it every third of that. Default: 3600.
+- ``AIRFLEET_HEALTH_SHARDS``: how many task instances the scheduled health check splits the
+  fleet into (Airflow runs them at once, on as many worker slots). Default: 2.
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ def cloud_poll_seconds() -> float:
 def health_concurrency() -> int:
     """How many clusters one health check probes at once."""
     return int(os.environ.get("AIRFLEET_HEALTH_CONCURRENCY", "50"))
+
+
+def health_shards() -> int:
+    """How many parts the health check splits the fleet into, each a task instance of its own
+    (one event loop uses one core: 10,000 clusters need more than one)."""
+    raw = os.environ.get("AIRFLEET_HEALTH_SHARDS") or "2"
+    if not raw.isdigit() or not 1 <= int(raw) <= 64:
+        raise ValueError(f"AIRFLEET_HEALTH_SHARDS={raw!r}: set it to a whole number from 1 to 64 "
+                         "(the task instances one health check runs at once)")
+    return int(raw)
 
 
 def health_timeout() -> float:

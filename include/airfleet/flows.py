@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import zlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -420,17 +421,32 @@ def created_by_run(store: Store, lease: LeaseRef) -> list[str]:
 FAILED_PROBES_TO_FAIL = 2
 
 
+def in_shard(name: str, shard: tuple[int, int]) -> bool:
+    """Whether cluster ``name`` is in part ``shard = (index, parts)`` of the fleet. crc32, not
+    ``hash()``: every process (each part runs in its own) must split the fleet the same way,
+    so each cluster is in exactly one part."""
+    index, parts = shard
+    return zlib.crc32(name.encode()) % parts == index
+
+
 def health_check(store: Store, run_id: str, names: list[str] | None = None,
                  clients_for: ClientsFor | None = None, *, concurrency: int | None = None,
-                 timeout: float | None = None) -> dict[str, str]:
-    """Probe every managed cluster (or ``names``) concurrently and apply Running <-> Failed.
+                 timeout: float | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> dict[str, str]:
+    """Probe every managed cluster (or ``names``) of part ``shard`` (see :func:`in_shard`)
+    concurrently and apply Running <-> Failed.
 
     At most ``concurrency`` probes run at once, each for at most ``timeout`` seconds (a probe
     still running then is a failed check), and each status is written as its probe ends, so
     a slow cluster delays no other. Clusters held by a running flow or in a transient phase are
     skipped; an observation older than the recorded status never overwrites it. Returns
     ``{name: outcome}``."""
-    records = [r for r in store.list_clusters() if not names or r.name in names]
+    index, parts = shard
+    if not 0 <= index < parts:
+        raise ValueError(f"shard {shard}: the index must be from 0 to parts - 1")
+    wanted = {n for n in names or [] if in_shard(n, shard)}
+    records = store.list_clusters(
+        where_name=lambda name: (not names or name in wanted) and in_shard(name, shard))
     leases = {lease.name: lease for lease in store.leases()}
     suites = _bindings_of(store, "check_stability")
     # What lives already (the records: 10,000 clusters are a few hundred thousand objects)
@@ -443,7 +459,7 @@ def health_check(store: Store, run_id: str, names: list[str] | None = None,
             concurrency or config.health_concurrency(), timeout or config.health_timeout()))
     finally:
         gc.unfreeze()
-    for missing in sorted(set(names or []) - set(outcomes)):
+    for missing in sorted(wanted - set(outcomes)):
         outcomes[missing] = "not registered"
     return outcomes
 

@@ -5,19 +5,24 @@ Each cluster is a static-nodes cluster (head + 1 worker) whose head is its own l
 dashboard GCS health, then the nodes) against simulated dashboards served by a child process
 (tests/fakes/ray_dashboards.py): 70% healthy, 10% failing (the worker DEAD), 5% broken (500),
 10% slow (each answer after 1 s: a probe asks twice, so ~2 s), 5% hanging (never answer; the
-per-cluster timeout of 5 s ends them). At most 200 probes run at once (``CONCURRENCY``, what
-``AIRFLEET_HEALTH_CONCURRENCY`` would be set to for such a fleet: at its default of 50 the
-slow and hanging clusters alone hold the slots 4,500 s at 10,000 clusters, 90 s however fast
-the rest is; the printout gives that floor for each size). The store is SQLite, as
+per-cluster timeout of 5 s ends them). The fleet is checked in ``AIRFLEET_HEALTH_SHARDS``
+parts (default 2), each in a process of its own (tests/benchmarks/health_part.py), as the DAG's
+mapped ``check_fleet`` task instances run; the parts' processes start before the clock does
+(an Airflow task's start-up is not counted here). Each part runs at most 200 probes at once
+(``CONCURRENCY``, what ``AIRFLEET_HEALTH_CONCURRENCY`` would be set to for such a fleet: at
+its default of 50 the slow and hanging clusters alone hold one part's slots 4,500 s at 10,000
+clusters, 90 s however fast the rest is; the printout gives that floor for each size). The
+store is SQLite, as
 `make run`'s. Each fleet is checked twice: the first check (every failed probe is a first
 miss: the cluster stays Running) and the next one (those clusters turn Failed). The fleet is
 written into the store in one transaction (``register_fleet(bulk=True)``: the rows the
 create flow leaves); that set-up is timed apart and is no part of the check's figures.
 
-Memory, per size: the peak RSS (``VmHWM``) of this process and of the dashboards' child,
-each reset (``/proc/<pid>/clear_refs``) before the size's fleet is registered, so a figure is
-that size's peak and not the process's lifetime maximum (``ru_maxrss``); a process keeps
-memory it freed, so the RSS at the reset is printed beside it.
+Memory, per size: the peak RSS (``VmHWM``) of each part's process (started for that size),
+and of this process (which registers the fleet) and the dashboards' child, each reset
+(``/proc/<pid>/clear_refs``) before the size's fleet is registered, so a figure is that
+size's peak and not the process's lifetime maximum (``ru_maxrss``); a process keeps memory it
+freed, so the RSS at the reset is printed beside it.
 
 The SSH tunnel is SIMULATED NOWHERE here: these dashboards are reached by plain HTTP
 (``clients["dashboard"] = dashboard.direct``, no SSH client, so a missing node's
@@ -31,8 +36,8 @@ not a measurement:
 
 - slot time: every probe holds its slot ``tunnel_adds_per_probe_ms`` longer, so
   ``wall + clusters * tunnel_ms / concurrency``;
-- CPU: the SSH client's work is this process's (one event loop), so the check cannot take
-  less wall time than ``cpu + clusters * tunnel_cpu_ms``;
+- CPU: the SSH client's work is the parts' (one event loop each), so the check cannot take
+  less wall time than ``(cpu + clusters * tunnel_cpu_ms) / min(parts, cores)``;
 
 the projection is the larger of the two.
 
@@ -48,13 +53,15 @@ from __future__ import annotations
 import gc
 import json
 import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from airfleet import flows
+from airfleet import config
 from airfleet.backends.ssh import dashboard
 from airfleet.store import Store
 from tests.benchmarks import QUICK
@@ -62,6 +69,7 @@ from tests.fakes.ray_dashboards import RayDashboards, register_fleet
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(1800)]
 
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
 MIX = {"healthy": 0.70, "failing": 0.10, "broken": 0.05, "slow": 0.10, "hanging": 0.05}
 SIZES = tuple(int(n) for n in
@@ -69,6 +77,7 @@ SIZES = tuple(int(n) for n in
 TIMEOUT, CONCURRENCY, SLOW_SECONDS = 5.0, 200, 1.0
 ONCE_FROM = 10_000  # under AIRFLEET_BENCH_QUICK=1: fleets this large are checked once
 DEFAULT_CONCURRENCY = 50  # AIRFLEET_HEALTH_CONCURRENCY's default
+PARTS = config.health_shards()  # as the DAG splits the fleet
 # test_tunnel_cost.py on this machine (real sshd node, real Ray 2.60 head), 2026-12-05: the
 # tunnel adds 74.9 ms per probe (median of 20; SSH connect alone 45.6 ms) and a whole probe
 # through it costs this process 11.3 ms of CPU. The tunnel's own share of that CPU was not
@@ -110,22 +119,51 @@ def _status_mib(pid: int | str, field: str) -> float:
 
 
 def wait_floor(size: int, concurrency: int) -> float:
-    """Seconds the slow and hanging clusters alone hold ``concurrency`` slots."""
+    """Seconds the slow and hanging clusters alone hold ``concurrency`` slots in each part."""
     held = size * (MIX["slow"] * 2 * SLOW_SECONDS + MIX["hanging"] * TIMEOUT)
-    return round(held / concurrency, 1)
+    return round(held / concurrency / PARTS, 1)
 
 
-def _check(store: Store, run_id: str, tunnel: dict) -> dict:
-    started, cpu = time.monotonic(), time.process_time()
-    outcomes = flows.health_check(store, run_id, clients_for=DIRECT, concurrency=CONCURRENCY,
-                                  timeout=TIMEOUT)
-    wall, cpu = time.monotonic() - started, time.process_time() - cpu
+class Parts:
+    """One process per part of the fleet (tests/benchmarks/health_part.py), started and
+    ready before a check is timed; :meth:`check` runs one check in all of them at once."""
+
+    def __init__(self, url: str):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), str(ROOT / "plugins"), os.environ.get("PYTHONPATH", "")])}
+        self.procs = [subprocess.Popen(
+            [sys.executable, "-m", "tests.benchmarks.health_part", url, str(i), str(PARTS),
+             str(CONCURRENCY), str(TIMEOUT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, cwd=ROOT, env=env) for i in range(PARTS)]
+        for proc in self.procs:
+            assert proc.stdout.readline().strip() == "ready", "a part's process did not start"
+
+    def check(self, run_id: str) -> tuple[float, list[dict]]:
+        started = time.monotonic()
+        for proc in self.procs:
+            proc.stdin.write(run_id + "\n")
+            proc.stdin.flush()
+        results = [json.loads(proc.stdout.readline()) for proc in self.procs]
+        return time.monotonic() - started, results
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.stdin.close()
+            assert proc.wait(60) == 0, "a part's process failed"
+
+
+def _check(parts: Parts, store: Store, run_id: str, tunnel: dict) -> dict:
+    wall, results = parts.check(run_id)
+    cpu = sum(r["cpu"] for r in results)
+    outcomes = {name: o for r in results for name, o in r["outcomes"].items()}
     size = len(outcomes)
     timed_out = sum("timed out" in r.cluster.status.message for r in store.list_clusters())
-    by_slots = wall + size * tunnel["tunnel_adds_per_probe_ms"] / 1000 / CONCURRENCY
-    by_cpu = cpu + size * tunnel["probe_client_cpu_ms"] / 1000
+    by_slots = wall + size * tunnel["tunnel_adds_per_probe_ms"] / 1000 / CONCURRENCY / PARTS
+    by_cpu = (cpu + size * tunnel["probe_client_cpu_ms"] / 1000) / min(PARTS, os.cpu_count())
     return {"wall_seconds": round(wall, 2), "ms_per_cluster": round(1000 * wall / size, 2),
             "cpu_seconds": round(cpu, 2), "cpu_ms_per_cluster": round(1000 * cpu / size, 2),
+            "parts": [{"clusters": len(r["outcomes"]), "wall_seconds": round(r["wall"], 2),
+                       "cpu_seconds": round(r["cpu"], 2)} for r in results],
             "outcomes": dict(Counter(outcomes.values())), "timed_out": timed_out,
             "projected_with_tunnel_seconds": round(max(by_slots, by_cpu), 1),
             "projected_with_tunnel": {"slot_time_seconds": round(by_slots, 1),
@@ -135,7 +173,7 @@ def _check(store: Store, run_id: str, tunnel: dict) -> dict:
 def test_health_check_cost_over_fleet_sizes(tmp_path, monkeypatch):
     monkeypatch.delenv("AIRFLEET_BACKENDS", raising=False)  # the real SSH backend
     tunnel = tunnel_cost()
-    figures = {"timeout_seconds": TIMEOUT, "concurrency": CONCURRENCY,
+    figures = {"timeout_seconds": TIMEOUT, "concurrency": CONCURRENCY, "parts": PARTS,
                "slow_seconds": SLOW_SECONDS, "mix": MIX, "tunnel": tunnel, "fleets": []}
     print(f"\nSSH tunnel (not simulated; from {tunnel['source']}): "
           f"+{tunnel['tunnel_adds_per_probe_ms']} ms per probe, "
@@ -145,20 +183,25 @@ def test_health_check_cost_over_fleet_sizes(tmp_path, monkeypatch):
         for size in SIZES:
             gc.collect()
             rss_before = {"self": reset_peak(), "dashboards": reset_peak(child)}
-            store = Store(f"sqlite:///{tmp_path / f'fleet-{size}.db'}")
+            url = f"sqlite:///{tmp_path / f'fleet-{size}.db'}"
+            store = Store(url)
             store.migrate()
             started = time.monotonic()
             register_fleet(store, size, dashboards.port, MIX, bulk=True)
             fleet = {"clusters": size, "register_seconds": round(time.monotonic() - started, 2),
                      "wait_floor_seconds": wait_floor(size, CONCURRENCY),
                      f"wait_floor_at_{DEFAULT_CONCURRENCY}_seconds":
-                         wait_floor(size, DEFAULT_CONCURRENCY),
-                     "first": _check(store, f"health/{size}/1", tunnel)}
+                         wait_floor(size, DEFAULT_CONCURRENCY)}
+            parts = Parts(url)
+            fleet["first"] = _check(parts, store, f"health/{size}/1", tunnel)
             if not (QUICK and size >= ONCE_FROM):
-                fleet["next"] = _check(store, f"health/{size}/2", tunnel)
+                fleet["next"] = _check(parts, store, f"health/{size}/2", tunnel)
+            part_peaks = [peak_mib(proc.pid) for proc in parts.procs]
+            parts.close()
             store.dispose()
             fleet["rss_at_start_mib"] = rss_before
-            fleet["peak_rss_mib"] = {"self": peak_mib(), "dashboards": peak_mib(child)}
+            fleet["peak_rss_mib"] = {"parts": part_peaks, "self": peak_mib(),
+                                     "dashboards": peak_mib(child)}
             figures["fleets"].append(fleet)
             _print(fleet)
             for which in ("first", "next"):  # each cluster has one outcome
@@ -176,9 +219,11 @@ def _print(fleet: dict) -> None:
     size = fleet["clusters"]
     print(f"{size:,} clusters: registered in {fleet['register_seconds']} s (set-up); the slow "
           f"and hanging alone hold the slots {fleet['wait_floor_seconds']} s at {CONCURRENCY} "
-          f"at once ({fleet[f'wait_floor_at_{DEFAULT_CONCURRENCY}_seconds']} s at "
-          f"{DEFAULT_CONCURRENCY}); peak RSS {fleet['peak_rss_mib']['self']} MiB (this "
-          f"process, {fleet['rss_at_start_mib']['self']} MiB at start), "
+          f"at once in each of {PARTS} parts "
+          f"({fleet[f'wait_floor_at_{DEFAULT_CONCURRENCY}_seconds']} s at "
+          f"{DEFAULT_CONCURRENCY}); peak RSS {fleet['peak_rss_mib']['parts']} MiB (each part's "
+          f"process), {fleet['peak_rss_mib']['self']} MiB (this process, which registers the "
+          f"fleet; {fleet['rss_at_start_mib']['self']} MiB at start), "
           f"{fleet['peak_rss_mib']['dashboards']} MiB (dashboards child, "
           f"{fleet['rss_at_start_mib']['dashboards']} at start)")
     for which in ("first", "next"):
@@ -188,7 +233,9 @@ def _print(fleet: dict) -> None:
         run = fleet[which]
         print(f"  health check ({which}): {run['wall_seconds']} s "
               f"({run['ms_per_cluster']} ms/cluster), {run['cpu_seconds']} s CPU "
-              f"({run['cpu_ms_per_cluster']} ms/cluster), outcomes {run['outcomes']}, "
+              f"({run['cpu_ms_per_cluster']} ms/cluster; parts "
+              f"{[(p['clusters'], p['wall_seconds'], p['cpu_seconds']) for p in run['parts']]} "
+              f"as (clusters, s, CPU s)), outcomes {run['outcomes']}, "
               f"{run['timed_out']} timed out; with SSH tunnels (projected): "
               f"{run['projected_with_tunnel_seconds']} s (slot time "
               f"{run['projected_with_tunnel']['slot_time_seconds']} s, CPU floor "

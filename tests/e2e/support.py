@@ -96,24 +96,27 @@ def print_failed_tasks(client, dag_id: str, run_id: str) -> None:
         state = str(getattr(ti.state, "value", ti.state))
         print(f"task {ti.task_id}: {state}")
         if state == "failed" and ti.try_number:  # the others never ran: no log to show
-            print(task_log(client, dag_id, run_id, ti.task_id, ti.try_number)[-4000:])
+            print(task_log(client, dag_id, run_id, ti.task_id, ti.try_number,
+                           map_index=ti.map_index)[-4000:])
 
 
-def task_log(client, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+def task_log(client, dag_id: str, run_id: str, task_id: str, try_number: int = 1, *,
+             map_index: int = -1) -> str:
+    """The task's log (``map_index``: which part of a mapped task, -1 for one not mapped)."""
     import airflow_client.client as af
 
     content = af.TaskInstanceApi(client).get_log(dag_id, run_id, task_id, try_number,
-                                                 full_content=True).content
+                                                 full_content=True, map_index=map_index).content
     return json.dumps([c.to_dict() if hasattr(c, "to_dict") else c for c in content],
                       default=str)
 
 
 def log_until(client, dag_id: str, run_id: str, task_id: str, text: str,
-              timeout: float = 30) -> str:
+              timeout: float = 30, *, map_index: int = -1) -> str:
     """The task's log once it shows ``text`` (log shipping may trail the run's end)."""
     deadline = time.monotonic() + timeout
     while True:
-        text_now = task_log(client, dag_id, run_id, task_id)
+        text_now = task_log(client, dag_id, run_id, task_id, map_index=map_index)
         if text in text_now or time.monotonic() > deadline:
             return text_now
         time.sleep(1)

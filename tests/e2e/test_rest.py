@@ -9,6 +9,7 @@ import time
 import pytest
 import requests
 
+from airfleet import config, flows
 from tests.e2e.support import (
     CLUSTER,
     DAG_IDS,
@@ -152,8 +153,12 @@ def test_every_flow_over_rest_and_the_plugin_api_view(client, dags_parsed, airfl
 
     run = trigger(client, "airfleet_cluster_health_check", {"names": ["e2e-flows"]})
     assert wait_run(client, "airfleet_cluster_health_check", run.dag_run_id) == "success"
+    # The part of the fleet e2e-flows falls in (the DAG splits it by AIRFLEET_HEALTH_SHARDS).
+    parts = config.health_shards()
+    part = next(i for i in range(parts) if flows.in_shard("e2e-flows", (i, parts)))
     assert "e2e-flows: Running" in log_until(client, "airfleet_cluster_health_check",
-                                             run.dag_run_id, "check_fleet", "e2e-flows: Running")
+                                             run.dag_run_id, "check_fleet", "e2e-flows: Running",
+                                             map_index=part)
     view = _plugin(airflow, "clusters/e2e-flows", user="viewer").json()
     assert view["phase"] == "Running" and view["nodes"]["desired"] == 3
     assert view["health_checked_at"] is not None

@@ -209,9 +209,14 @@ def task_instances(api, dag_id: str, run_id: str) -> list[dict]:
 
 
 def check_outcomes(api, dag_id: str, run_id: str) -> dict[str, str]:
-    value = get(api, f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/check_fleet/"
-                     "xcomEntries/return_value")["value"]
-    return json.loads(value) if isinstance(value, str) else value
+    """What every part of a health check (the mapped check_fleet) found, together."""
+    outcomes = {}
+    for part in sorted(ti["map_index"] for ti in task_instances(api, dag_id, run_id)
+                       if ti["task_id"] == "check_fleet"):
+        value = get(api, f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/check_fleet/"
+                         f"xcomEntries/return_value?map_index={part}")["value"]
+        outcomes.update(json.loads(value) if isinstance(value, str) else value)
+    return outcomes
 
 
 def worker_of(ti: dict) -> str | None:
@@ -300,6 +305,8 @@ def test_thirty_creates_updates_racing_health_checks_and_deletes(stack, api, sto
     assert outcomes["Running"] and outcomes["skipped"], "the checks never met an update"
     print_worker_counts(api, [r for r in runs if r[0] == "airfleet_cluster_update"],
                         "30 updates")
+    print_worker_counts(api, [r for r in runs if r[0] == "airfleet_cluster_health_check"],
+                        "30 health checks (the fleet in parts, check_fleet mapped)")
 
     deletes = [trigger(api, "airfleet_cluster_delete", {"name": n}) for n in names]
     assert_all_succeeded(api, wait_all(api, deletes))

@@ -297,7 +297,12 @@ def test_health_check_moves_running_and_failed_and_skips_held_clusters(dags, fak
     run(dags, "airfleet_cluster_create", {"cluster": second})
 
     fake.instruct(unhealthy=["llm-b"])
-    assert str(run(dags, "airfleet_cluster_health_check", {}).state) == "success"
+    dr = run(dags, "airfleet_cluster_health_check", {})
+    assert str(dr.state) == "success"
+    parts = sorted((ti.map_index, str(ti.state)) for ti in dr.get_task_instances()
+                   if ti.task_id == "check_fleet")
+    assert parts == [(0, "success"), (1, "success")]  # AIRFLEET_HEALTH_SHARDS' default
+    assert _note(dr).splitlines()[0] == "checked 2 clusters: 2 Running"  # llm-b: a first miss
     assert Store().require_cluster("llm-b").phase is Phase.RUNNING  # one miss is not enough
     assert str(run(dags, "airfleet_cluster_health_check", {}).state) == "success"
     assert Store().require_cluster("llm-a").phase is Phase.RUNNING

@@ -113,3 +113,11 @@ def test_a_parse_time_lookup_would_be_caught(tmp_path):
     bad.write_text("from airflow.sdk import Variable, dag  # noqa\nVariable.get('x')\n")
     result = parse(bad)
     assert result["lookups"] == ["variable x"]
+
+
+def test_a_bad_number_of_health_check_parts_is_an_import_error_naming_the_setting(monkeypatch):
+    monkeypatch.setenv("AIRFLEET_HEALTH_SHARDS", "0")
+    result = parse(ROOT / "dags" / "airfleet_cluster_health_check.py")
+    assert "airfleet_cluster_health_check" not in result["dags"]
+    (error,) = result["errors"].values()
+    assert "AIRFLEET_HEALTH_SHARDS='0': set it to a whole number from 1 to 64" in error

@@ -73,3 +73,35 @@ def test_with_no_way_to_the_dashboard_the_probe_fails_saying_so(store):
     assert store.require_cluster("fleet-0000").cluster.status.message == (
         "head 127.20.0.1: cannot reach the Ray dashboard: no way to reach the Ray dashboard "
         "was given (clients['dashboard'])")
+
+
+def test_the_parts_of_a_sharded_check_probe_every_cluster_once_between_them(store):
+    with RayDashboards(slow_seconds=0.5) as dashboards:
+        fleet = register_fleet(store, 30, dashboards.port, {"healthy": 1.0})
+        parts = [flows.health_check(store, "health/1", clients_for=direct, concurrency=10,
+                                    timeout=2, shard=(i, 3)) for i in range(3)]
+        asked = ["fleet-0003", "fleet-0017", "nobody"]
+        named = [flows.health_check(store, "health/2", asked, direct, concurrency=10,
+                                    timeout=2, shard=(i, 3)) for i in range(3)]
+
+    assert all(parts), [len(p) for p in parts]  # 30 names: no part is left empty
+    assert sorted(n for p in parts for n in p) == sorted(fleet)  # each cluster in one part
+    assert {o for p in parts for o in p.values()} == {"Running"}
+    assert [name for p in named for name in p] == [
+        n for i in range(3) for n in asked if flows.in_shard(n, (i, 3))]
+    assert {n: o for p in named for n, o in p.items()}["nobody"] == "not registered"
+
+
+def test_a_part_that_is_not_one_of_the_parts_is_refused_before_anything_is_read(store):
+    with pytest.raises(ValueError, match=r"shard \(2, 2\): the index must be from 0 to "):
+        flows.health_check(store, "health/x", shard=(2, 2))
+
+
+@pytest.mark.parametrize("raw", ["0", "65", "two", "-1", "1.5"])
+def test_a_bad_number_of_health_check_parts_names_the_setting_and_the_fix(raw, monkeypatch):
+    from airfleet import config
+
+    monkeypatch.setenv("AIRFLEET_HEALTH_SHARDS", raw)
+    with pytest.raises(ValueError, match="AIRFLEET_HEALTH_SHARDS=.*: set it to a whole number "
+                                         "from 1 to 64"):
+        config.health_shards()
