@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from airfleet import config, policy
@@ -213,7 +214,8 @@ def record(store: Store, lease: LeaseRef, checked: dict[str, Any]) -> None:
         request = EndpointRequest.model_validate(data)
         current = store.get_endpoint(checked["name"], version)
         if current is None or version == checked["target"]:
-            store.put_endpoint(request, run_id=lease.holder, token=lease.token)
+            as_holder(partial(store.put_endpoint, request, run_id=lease.holder,
+                              token=lease.token))
         elif current.endpoint.spec.traffic_weight != request.spec.traffic_weight:
             _shift_weight(store, lease, current, request.spec.traffic_weight)
     if checked["target"]:

@@ -237,6 +237,43 @@ def test_an_endpoint_probe_writing_between_a_holders_read_and_write_does_not_fai
     assert record_.endpoint.status.last_run_id == "deploy/1"
 
 
+@pytest.mark.postgres
+def test_a_probe_committing_inside_a_deploys_spec_write_does_not_fail_the_run(pg_url,
+                                                                               monkeypatch):
+    """On PostgreSQL (read committed) an endpoint probe's status write can commit between the
+    SELECT and the UPDATE of the holder's ``put_endpoint`` (SQLite's BEGIN IMMEDIATE keeps it
+    out): the holder reads and writes again instead of failing the deploy."""
+    monkeypatch.setenv("AIRFLEET_BACKENDS", "ssh=tests.fakes.recording_backend:RecordingBackend")
+    store, probe = Store(pg_url), Store(pg_url)
+    store.migrate()
+    _running(store)
+    lease = flows.acquire(store, "llm-a", "deploy/1")
+    data = example_endpoint()
+    store.put_endpoint(EndpointRequest.model_validate(data), run_id=lease.holder,
+                       token=lease.token)
+    write, probed = store._write_endpoint, []
+
+    def probe_commits_first(session, row, values, expected_version):
+        if len(probed) < 2:  # the holder's first two attempts lose the race
+            seen = probe.require_endpoint(row.name, row.version).endpoint.status
+            assert probe.set_endpoint_status(
+                row.name, row.version, seen.model_copy(update={"observed_at": now()}),
+                reason="HealthCheck", run_id="health/1", only_if_newer=True)
+            probed.append(row.version)
+        return write(session, row, values, expected_version)
+
+    monkeypatch.setattr(store, "_write_endpoint", probe_commits_first)
+    data["spec"]["replicas"] = 2
+    endpoint_flows.record(store, lease, {"name": "chat", "target": "v1", "flow": "endpoint_deploy",
+                                         "versions": {"v1": data}})
+    record_ = store.require_endpoint("chat", "v1")
+    assert probed == ["v1", "v1"]
+    assert record_.endpoint.spec.replicas == 2 and record_.generation == 2
+    assert record_.phase is EndpointPhase.DEPLOYING
+    store.dispose()
+    probe.dispose()
+
+
 def test_a_health_check_skips_older_observations_and_unknown_names(store):
     _running(store)
     future = store.require_cluster("llm-a").cluster.status.observed_at.replace(year=2999)
