@@ -36,13 +36,14 @@ def check_fleet(shard: int, shards: int) -> dict[str, str]:
     from airfleet import flows
     from airfleet.resources import HealthCheckConf, parse_conf
     from airfleet.store import Store
-    from airfleet_airflow.clients import clients_for
+    from airfleet_airflow.clients import clients_for, credentials_read_once
 
     ctx = get_current_context()
     conf = parse_conf(HealthCheckConf, {"names": ctx["params"].get("names")})
     started = time.monotonic()
-    outcomes = flows.health_check(Store(), f"{ctx['dag'].dag_id}/{ctx['run_id']}", conf.names,
-                                  clients_for, shard=(shard, shards))
+    with credentials_read_once():  # clusters sharing an SSH key: it is read once
+        outcomes = flows.health_check(Store(), f"{ctx['dag'].dag_id}/{ctx['run_id']}",
+                                      conf.names, clients_for, shard=(shard, shards))
     for name, outcome in sorted(outcomes.items()):
         print(f"{name}: {outcome}")
     print(f"part {shard + 1} of {shards}: checked {len(outcomes)} clusters in "
@@ -59,12 +60,13 @@ def check_endpoints(parts: list[dict[str, str]]) -> dict[str, str]:
 
     from airfleet import endpoint_flows
     from airfleet.store import Store
-    from airfleet_airflow.clients import clients_for
+    from airfleet_airflow.clients import clients_for, credentials_read_once
 
     ctx = get_current_context()
     started = time.monotonic()
-    outcomes = endpoint_flows.probe_all(Store(), f"{ctx['dag'].dag_id}/{ctx['run_id']}",
-                                        clients_for, ctx["params"].get("names"))
+    with credentials_read_once():
+        outcomes = endpoint_flows.probe_all(Store(), f"{ctx['dag'].dag_id}/{ctx['run_id']}",
+                                            clients_for, ctx["params"].get("names"))
     for key, outcome in sorted(outcomes.items()):
         print(f"{key}: {outcome}")
     summary = (f"checked {len(outcomes)} endpoint versions in {time.monotonic() - started:.1f}"

@@ -8,6 +8,7 @@ it into the vault and the spec keeps the vault id.
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from pathlib import Path
 
@@ -21,6 +22,20 @@ def sealed_secret_id(envelope: str) -> str:
     return "vlt_" + hashlib.sha256(envelope.encode()).hexdigest()[:32]
 
 
+_STORES: dict[str, Store] = {}
+
+
+def _forget_stores() -> None:
+    # A forked child (a task runner, a Celery pool process) must neither use nor close its
+    # parent's pooled connections: SQLAlchemy's engine.dispose(close=False) after os.fork().
+    for store in _STORES.values():
+        store.engine.dispose(close=False)
+    _STORES.clear()
+
+
+os.register_at_fork(after_in_child=_forget_stores)
+
+
 class Vault:
     def __init__(self, store: Store, keys_dir: Path):
         self.store = store
@@ -28,7 +43,12 @@ class Vault:
 
     @classmethod
     def default(cls) -> Vault:
-        return cls(Store(), config.keys_dir())
+        """The vault of this process's settings, on one store per database for the process
+        (a store holds an engine and its connection pool): a store for each read cost a new
+        database connection each, and a health check reads a secret for each cluster."""
+        url = config.database_url()
+        store = _STORES.get(url) or _STORES.setdefault(url, Store(url))
+        return cls(store, config.keys_dir())
 
     def put(self, plaintext: bytes, description: str = "") -> str:
         """Seal ``plaintext`` with the vault's public key and store it; return its id."""

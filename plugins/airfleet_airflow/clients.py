@@ -9,13 +9,21 @@ Airflow SSH connection is read as the provider reads it (the ``private_key`` or 
 extra, ``private_key_passphrase``, the ``host_key`` extra); the login and port of the spec win
 over the connection's. A vault (or sealed) SSH credential holds the private key text, or JSON
 ``{"private_key": ..., "host_key": ..., "passphrase": ...}``.
+
+Each build reads its credentials afresh (a rotated key is used at once), except inside
+:func:`credentials_read_once`: a pass over many clusters (the fleet's health check) reads each
+credential once.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from typing import Any
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, TypeVar
 
 from airfleet.errors import InvalidRequest
 from airfleet.resources import Cluster, CredentialRef, Provider
@@ -25,6 +33,37 @@ KUBE_FIELD = "cluster.spec.config.kubernetes.credential"
 EKS_FIELD = "cluster.spec.config.eks.credential"
 AKS_FIELD = "cluster.spec.config.aks.credential"
 REGISTRY_FIELD = "cluster.spec.image_registry"
+
+T = TypeVar("T")
+# Inside credentials_read_once: the credentials read, by where they come from, and a lock for
+# each (the probes' threads ask at once; the first reads, the others wait for its value).
+# Threads that asyncio.to_thread starts run in a copy of the context: they share the block's.
+_READ: ContextVar[tuple[dict[tuple[str, str], Any], dict[tuple[str, str], threading.Lock]]
+                  | None] = ContextVar("airfleet_credentials", default=None)
+
+
+@contextmanager
+def credentials_read_once() -> Iterator[None]:
+    """Within the block, each credential (a vault secret, an Airflow connection) is read once
+    and kept in this process's memory until the block ends. A health check of 10,000 clusters
+    that share one SSH key reads it once: a vault read decrypts with the vault's RSA-4096 key
+    (about 10 ms of CPU), a connection is a call to Airflow's API server."""
+    token = _READ.set(({}, {}))
+    try:
+        yield
+    finally:
+        _READ.reset(token)
+
+
+def _read_once(key: tuple[str, str], read: Callable[[], T]) -> T:
+    block = _READ.get()
+    if block is None:
+        return read()
+    values, locks = block
+    with locks.setdefault(key, threading.Lock()):
+        if key not in values:
+            values[key] = read()  # a read that raises keeps nothing: the next one reads again
+        return values[key]
 
 
 def clients_for(cluster: Cluster) -> dict[str, Any]:
@@ -241,7 +280,7 @@ def _connection(conn_id: str, field: str):
     from airflow.sdk import BaseHook
 
     try:
-        return BaseHook.get_connection(conn_id)
+        return _read_once(("connection", conn_id), lambda: BaseHook.get_connection(conn_id))
     except Exception:  # AirflowNotFoundException, or the secrets backend failing
         raise InvalidRequest(f"{field}: Airflow connection {conn_id!r} does not exist; create "
                              "it (Admin > Connections) or give a vault_id") from None
@@ -255,7 +294,9 @@ def _vault_text(ref: CredentialRef, field: str) -> str:
     try:
         # A sealed reference is read directly when a flow checks its input; the register step
         # then stores it and the recorded spec keeps the vault id.
-        return (vault.open_sealed(ref.sealed) if ref.sealed else vault.get(ref.vault_id)).decode()
+        if ref.sealed:
+            return vault.open_sealed(ref.sealed).decode()
+        return _read_once(("vault", ref.vault_id), lambda: vault.get(ref.vault_id).decode())
     except AirfleetError as exc:
         raise InvalidRequest(f"{field}: {exc}") from None
 

@@ -37,7 +37,10 @@ not a measurement:
 - slot time: every probe holds its slot ``tunnel_adds_per_probe_ms`` longer, so
   ``wall + clusters * tunnel_ms / concurrency``;
 - CPU: the SSH client's work is the parts' (one event loop each), so the check cannot take
-  less wall time than ``(cpu + clusters * tunnel_cpu_ms) / min(parts, cores)``;
+  less wall time than ``(cpu + clusters * (tunnel_cpu_ms + key_cpu_ms)) / min(parts, cores)``,
+  where ``key_cpu_ms`` is what building a cluster's SSH access from its vault-held key costs
+  (test_tunnel_cost.py too): once per check for a fleet that shares one key (the check reads
+  each credential once), once per cluster for clusters with keys of their own (both printed);
 
 the projection is the larger of the two.
 
@@ -83,7 +86,9 @@ PARTS = config.health_shards()  # as the DAG splits the fleet
 # through it costs this process 11.3 ms of CPU. The tunnel's own share of that CPU was not
 # measured apart: all of it is counted (an upper bound by the ~1 ms a direct probe costs).
 MEASURED_TUNNEL = {"tunnel_adds_per_probe_ms": 74.9, "probe_client_cpu_ms": 11.3,
-                   "source": "test_tunnel_cost.py as printed on this machine, 2026-12-05"}
+                   "own_key_cpu_ms": 8.1, "shared_key_cpu_ms": 0.2,
+                   "source": "test_tunnel_cost.py as printed on this machine, 2026-12-05 "
+                             "(the keys' figures 2026-12-07)"}
 
 
 def DIRECT(cluster) -> dict:  # noqa: N802 - a constant in spirit: the clients of every probe
@@ -95,8 +100,11 @@ def tunnel_cost() -> dict:
     measured = RESULTS / "tunnel_cost.json"
     if measured.exists():
         figures = json.loads(measured.read_text())
+        keys = figures["credentials"]
         return {"tunnel_adds_per_probe_ms": figures["tunnel_adds_per_probe_ms"],
                 "probe_client_cpu_ms": figures["probe_client_cpu_ms"],
+                "own_key_cpu_ms": keys["own_key"]["client_cpu_ms"],
+                "shared_key_cpu_ms": keys["shared_key"]["client_cpu_ms"],
                 "source": str(measured.relative_to(RESULTS.parents[2]))}
     return MEASURED_TUNNEL
 
@@ -159,15 +167,23 @@ def _check(parts: Parts, store: Store, run_id: str, tunnel: dict) -> dict:
     size = len(outcomes)
     timed_out = sum("timed out" in r.cluster.status.message for r in store.list_clusters())
     by_slots = wall + size * tunnel["tunnel_adds_per_probe_ms"] / 1000 / CONCURRENCY / PARTS
-    by_cpu = (cpu + size * tunnel["probe_client_cpu_ms"] / 1000) / min(PARTS, os.cpu_count())
+
+    def by_cpu(key_ms: float) -> float:
+        per_probe_ms = tunnel["probe_client_cpu_ms"] + key_ms
+        return (cpu + size * per_probe_ms / 1000) / min(PARTS, os.cpu_count())
     return {"wall_seconds": round(wall, 2), "ms_per_cluster": round(1000 * wall / size, 2),
             "cpu_seconds": round(cpu, 2), "cpu_ms_per_cluster": round(1000 * cpu / size, 2),
             "parts": [{"clusters": len(r["outcomes"]), "wall_seconds": round(r["wall"], 2),
                        "cpu_seconds": round(r["cpu"], 2)} for r in results],
             "outcomes": dict(Counter(outcomes.values())), "timed_out": timed_out,
-            "projected_with_tunnel_seconds": round(max(by_slots, by_cpu), 1),
-            "projected_with_tunnel": {"slot_time_seconds": round(by_slots, 1),
-                                      "cpu_floor_seconds": round(by_cpu, 1)}}
+            "projected_with_tunnel_seconds": round(
+                max(by_slots, by_cpu(tunnel["shared_key_cpu_ms"])), 1),
+            "projected_with_tunnel_own_keys_seconds": round(
+                max(by_slots, by_cpu(tunnel["own_key_cpu_ms"])), 1),
+            "projected_with_tunnel": {
+                "slot_time_seconds": round(by_slots, 1),
+                "cpu_floor_seconds": round(by_cpu(tunnel["shared_key_cpu_ms"]), 1),
+                "cpu_floor_own_keys_seconds": round(by_cpu(tunnel["own_key_cpu_ms"]), 1)}}
 
 
 def test_health_check_cost_over_fleet_sizes(tmp_path, monkeypatch):
@@ -177,7 +193,9 @@ def test_health_check_cost_over_fleet_sizes(tmp_path, monkeypatch):
                "slow_seconds": SLOW_SECONDS, "mix": MIX, "tunnel": tunnel, "fleets": []}
     print(f"\nSSH tunnel (not simulated; from {tunnel['source']}): "
           f"+{tunnel['tunnel_adds_per_probe_ms']} ms per probe, "
-          f"{tunnel['probe_client_cpu_ms']} ms of this process's CPU per probe")
+          f"{tunnel['probe_client_cpu_ms']} ms of this process's CPU per probe; the SSH key "
+          f"from the vault {tunnel['shared_key_cpu_ms']} ms per cluster in a fleet sharing one, "
+          f"{tunnel['own_key_cpu_ms']} ms for a cluster with its own")
     with RayDashboards(slow_seconds=SLOW_SECONDS) as dashboards:
         child = dashboards._child.pid
         for size in SIZES:
@@ -237,9 +255,11 @@ def _print(fleet: dict) -> None:
               f"{[(p['clusters'], p['wall_seconds'], p['cpu_seconds']) for p in run['parts']]} "
               f"as (clusters, s, CPU s)), outcomes {run['outcomes']}, "
               f"{run['timed_out']} timed out; with SSH tunnels (projected): "
-              f"{run['projected_with_tunnel_seconds']} s (slot time "
-              f"{run['projected_with_tunnel']['slot_time_seconds']} s, CPU floor "
-              f"{run['projected_with_tunnel']['cpu_floor_seconds']} s)")
+              f"{run['projected_with_tunnel_seconds']} s with one shared key, "
+              f"{run['projected_with_tunnel_own_keys_seconds']} s with a key per cluster "
+              f"(slot time {run['projected_with_tunnel']['slot_time_seconds']} s, CPU floor "
+              f"{run['projected_with_tunnel']['cpu_floor_seconds']} s / "
+              f"{run['projected_with_tunnel']['cpu_floor_own_keys_seconds']} s)")
 
 
 def _growth(fleets: list[dict]) -> dict:

@@ -10,7 +10,12 @@ dashboards by plain HTTP and leaves this out; here it is, on a real sshd node
 - ``probe``: one whole ``health_async`` as the health check runs it (tunnel opened and
   closed inside it);
 - ``http_only``: the same two requests over a tunnel that is already open;
-- ``ssh_connect``: the SSH connection alone.
+- ``ssh_connect``: the SSH connection alone;
+- ``credentials``: what the plugin's ``clients_for`` costs for such a cluster before its
+  probe: its SSH key read from the vault (the store's row, decrypted with the vault's RSA-4096
+  key) and made a ``NodeAccess``, for a cluster with a key of its own (``own_key``: every
+  cluster reads its own) and for one of a fleet that shares a key (``shared_key``: inside
+  ``credentials_read_once``, as the health check reads them, the key is read once).
 
 ``probe - http_only`` is what the tunnel adds per cluster per probe. Each figure comes with
 this process's CPU per round (``client_cpu_ms``): a fleet's check is bounded by the client's
@@ -31,12 +36,14 @@ from pathlib import Path
 
 import pytest
 
+from airfleet import crypto
 from airfleet.backends import BackendContext
 from airfleet.backends.ssh import commands
 from airfleet.backends.ssh.backend import SSHBackend, head_dashboard
 from airfleet.backends.ssh.remote import NodeAccess, Remote
 from airfleet.backends.ssh.tunnel import through_ssh
 from airfleet.resources import Cluster
+from airfleet.vault import Vault
 from tests.fakes.nodes import NodeFarm
 from tests.fakes.static_fleet import head_dashboard_get, static_cluster
 
@@ -63,8 +70,32 @@ def head_cluster():
         access = NodeAccess(user="root", private_key=farm.private_key_text,
                             known_hosts=farm.known_hosts_text())
         cluster = Cluster.model_validate(static_cluster(farm, 0, "tunnel-bench"))
-        yield cluster, access
+        yield cluster, access, farm
         farm.ssh(head, "ray stop --force", timeout=60)
+
+
+def credential_cost(farm: NodeFarm, tmp_path: Path, monkeypatch) -> dict:
+    """``timed`` figures of ``clients_for`` for a static cluster whose key is in the vault."""
+    from airfleet_airflow.clients import clients_for, credentials_read_once
+
+    monkeypatch.setenv("AIRFLEET_DATABASE_URL", f"sqlite:///{tmp_path / 'airfleet.db'}")
+    monkeypatch.setenv("AIRFLEET_KEYS_DIR", str(tmp_path / "keys"))
+    crypto.init_keys(tmp_path / "keys")
+    vault = Vault.default()
+    vault.store.migrate()
+    secret = vault.put(farm.private_key_text.encode())
+    cluster = Cluster.model_validate(static_cluster(
+        farm, 0, "credential-bench", credential={"vault_id": secret}))
+
+    async def build():
+        clients_for(cluster)
+
+    clients_for(cluster)  # imports (the SSH provider's hook) and the vault's key, parsed once
+    figures = {"own_key": asyncio.run(timed(build))}
+    with credentials_read_once():
+        clients_for(cluster)  # the fleet's first cluster read it
+        figures["shared_key"] = asyncio.run(timed(build))
+    return figures
 
 
 def ms(seconds: list[float]) -> dict:
@@ -117,9 +148,11 @@ async def measure(cluster: Cluster, access: NodeAccess) -> dict:
     return figures
 
 
-def test_what_the_ssh_tunnel_costs_one_probe(head_cluster):
-    cluster, access = head_cluster
+def test_what_the_ssh_tunnel_costs_one_probe(head_cluster, tmp_path, monkeypatch):
+    cluster, access, farm = head_cluster
     figures = asyncio.run(measure(cluster, access))
+    figures["credentials"] = credential_cost(farm, tmp_path, monkeypatch)
+    creds = figures["credentials"]
     print(f"\nhealth probe through SSH: {figures['probe']['median_ms']} ms median "
           f"(p90 {figures['probe']['p90_ms']}); the same requests over an open tunnel: "
           f"{figures['http_only']['median_ms']} ms; SSH connect alone "
@@ -128,6 +161,9 @@ def test_what_the_ssh_tunnel_costs_one_probe(head_cluster):
           f"({figures['probe_client_cpu_ms']} ms of this process's CPU: connect "
           f"{figures['ssh_connect']['client_cpu_ms']} ms, the requests over an open tunnel "
           f"{figures['http_only']['client_cpu_ms']} ms); "
-          f"{CONCURRENT} probes at once: {figures[f'{CONCURRENT}_probes_at_once_wall_ms']} ms")
+          f"{CONCURRENT} probes at once: {figures[f'{CONCURRENT}_probes_at_once_wall_ms']} ms"
+          f"; before it, its SSH key from the vault: {creds['own_key']['client_cpu_ms']} ms of "
+          f"CPU for a cluster with a key of its own, {creds['shared_key']['client_cpu_ms']} ms "
+          "in a fleet that shares one")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
