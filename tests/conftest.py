@@ -23,6 +23,9 @@ os.environ.update({
     # Airflow writes a generated secret into airflow.cfg only on some code paths; a suite
     # that reached none before an api-server app is built has none ("jwt_secret must be set").
     "AIRFLOW__API_AUTH__JWT_SECRET": "airfleet-tests-" + uuid.uuid4().hex * 2,
+    # Triggers run here in-process (dag.test(), the trigger tests): no scheduler to race, so
+    # no hold (the Airflows the e2e tests start run with the default, as users do).
+    "AIRFLEET_RESUME_AFTER_SECONDS": "0",
 })
 
 PG_ADMIN_URL = os.environ.get("AIRFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

@@ -44,6 +44,12 @@ def ready_inline_seconds() -> float:
     return float(os.environ.get("AIRFLEET_READY_INLINE_SECONDS") or 30)
 
 
+def resume_after_seconds() -> float:
+    """How long after a wait began in the triggerer its task may resume at the soonest (see
+    ``airfleet_airflow.triggers.LeaseKeepingTrigger``)."""
+    return float(os.environ.get("AIRFLEET_RESUME_AFTER_SECONDS") or 10)
+
+
 def cloud_poll_seconds() -> float:
     return float(os.environ.get("AIRFLEET_CLOUD_POLL_SECONDS") or 30)
 

@@ -51,15 +51,26 @@ class LeaseKeepingTrigger(BaseTrigger):
         yield  # pragma: no cover - makes this an async generator
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        from airfleet import config
+
+        # Airflow 3.3 fails a task that resumes before its scheduler has taken in the
+        # executor's "success" for the worker that deferred it (that worker's exit, reported
+        # seconds after defer() on a busy machine): "finished with state success, but the task
+        # instance's state attribute is running" (apache/airflow#71580, #72716). So the event
+        # of a wait that ends at once is held until AIRFLEET_RESUME_AFTER_SECONDS after it
+        # began; a longer wait is not delayed.
+        resume_at = time.monotonic() + config.resume_after_seconds()
         waiting = asyncio.ensure_future(_first(self.wait()))
         keeping = asyncio.ensure_future(self._keep_lease())
         try:
             done, _ = await asyncio.wait({waiting, keeping},
                                          return_when=asyncio.FIRST_COMPLETED)
             if keeping in done:  # it returns only when the lease is lost
-                yield TriggerEvent({"status": LEASE_LOST, "message": keeping.result()})
+                event = TriggerEvent({"status": LEASE_LOST, "message": keeping.result()})
             else:
-                yield waiting.result()
+                event = waiting.result()
+            await asyncio.sleep(max(0.0, resume_at - time.monotonic()))
+            yield event
         finally:
             for task in (waiting, keeping):
                 task.cancel()

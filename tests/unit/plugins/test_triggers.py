@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from airflow.sdk.module_loading import import_string
+from airflow.triggers.base import TriggerEvent
 
 from airfleet.backends.ssh import dashboard
 from airfleet.errors import LeaseHeld
@@ -279,3 +280,27 @@ def test_the_operator_fails_the_task_with_the_reason_when_the_lease_was_lost(ope
     reason = f"run {HOLDER} lost its lease on cluster {NAME} while waiting (...)"
     with pytest.raises(AirflowFailException, match=r"lost its lease on cluster static-a"):
         task.execute_complete({}, event={"status": LEASE_LOST, "message": reason})
+
+
+# ---- the hold: Airflow 3.3 fails a task that resumes too soon after defer() ----------------
+
+@pytest.mark.parametrize("wait_seconds, seen_after", [(0, 1.5), (2.5, 2.5)],
+                         ids=["ends-at-once", "ends-after-the-hold"])
+def test_the_event_of_a_wait_is_held_until_resume_after_seconds_and_no_longer(
+        wait_seconds, seen_after, store, monkeypatch):
+    """apache/airflow#72716: the scheduler marks a resumed task failed when it takes in the
+    executor's "success" for the deferring worker's exit only after the resumed try started.
+    A wait that ends at once is held until AIRFLEET_RESUME_AFTER_SECONDS after it began; one
+    that ends later is not held at all."""
+    async def ends(self):
+        await asyncio.sleep(wait_seconds)
+        yield TriggerEvent({"done": True, "message": "gone"})
+
+    monkeypatch.setenv("AIRFLEET_RESUME_AFTER_SECONDS", "1.5")
+    monkeypatch.setattr(ClusterProbeTrigger, "wait", ends)
+    trigger = ClusterProbeTrigger(held_lease(store), "teardown_done", time.time() + 30, 0.1)
+    started = time.monotonic()
+    event = first_event(trigger, timeout=10)
+    took = time.monotonic() - started
+    assert event == {"done": True, "message": "gone"}
+    assert seen_after <= took < seen_after + 0.5, took
