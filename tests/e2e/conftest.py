@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.e2e.support import DAG_IDS, ROOT, free_port, token, wait_healthy
+from tests.e2e.support import DAG_IDS, ROOT, STANDALONE_LOGS, free_port, token, wait_healthy
 
 FAKE = "tests.fakes.recording_backend:RecordingBackend"
 
@@ -67,6 +67,7 @@ def airflow(tmp_path_factory, kube_api):
                     "airflow.dag_processing.bundles.local.LocalDagBundle",
                     "kwargs": {"path": str(ROOT / "tests" / "e2e" / "dags")}}]),
                PYTHONPATH=str(ROOT))
+    STANDALONE_LOGS.append(home / "standalone.log")
     log = open(home / "standalone.log", "w")
     proc = subprocess.Popen([str(ROOT / "bin" / "airfleet-dev"), "run"], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -7,12 +7,19 @@ import json
 import socket
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
+# A scheduler this long without a heartbeat is dead or hung (Airflow calls it unhealthy after
+# 30 s; a busy 2-core machine can delay a beat, never by minutes): no run will finish.
+SCHEDULER_DEAD_AFTER = 120
+# The running Airflows' logs (``airflow standalone`` output), registered by the fixtures that
+# start them: a run that does not finish prints their tail, as CI keeps no other trace.
+STANDALONE_LOGS: list[Path] = []
 CLUSTER = {"metadata": {"name": "e2e-a"},
            "spec": {"type": "ssh", "provider": "static",
                     "config": {"ssh": {"head": "10.0.0.1", "workers": ["10.0.0.2"],
@@ -84,9 +91,39 @@ def wait_run(client, dag_id: str, run_id: str, timeout: float = 300) -> str:
             print_failed_tasks(client, dag_id, run_id)
         if state in ("success", "failed"):
             return state
+        if (silent := scheduler_silent_for(client)) > SCHEDULER_DEAD_AFTER:
+            reason = f"the scheduler has not heartbeaten for {silent:.0f} s"
+            break
         time.sleep(2)
+    else:
+        reason = f"it did not finish in {timeout} s"
     print_failed_tasks(client, dag_id, run_id)
-    pytest.fail(f"{dag_id} {run_id} did not finish in {timeout} s")
+    print_airflow_state(client, dag_id, run_id)
+    pytest.fail(f"{dag_id} {run_id}: {reason}")
+
+
+def scheduler_silent_for(client) -> float:
+    """Seconds since the scheduler's last heartbeat (0 when it never beat: still starting)."""
+    import airflow_client.client as af
+
+    beat = af.MonitorApi(client).get_health().scheduler.latest_scheduler_heartbeat
+    if not beat:
+        return 0.0
+    return (datetime.now(UTC) - datetime.fromisoformat(beat)).total_seconds()
+
+
+def print_airflow_state(client, dag_id: str, run_id: str, lines: int = 80) -> None:
+    """Why a run may be stuck: its state, the components' health, and the scheduler's,
+    triggerer's and standalone's last lines (a component that died says so there)."""
+    import airflow_client.client as af
+
+    print(f"run {run_id}: {af.DagRunApi(client).get_dag_run(dag_id, run_id).state}")
+    print(f"health: {af.MonitorApi(client).get_health().to_dict()}")
+    for log in STANDALONE_LOGS:
+        if log.exists():
+            tail = [line for line in log.read_text(errors="replace").splitlines()
+                    if line.startswith(("scheduler", "triggerer", "standalone"))][-lines:]
+            print(f"--- {log} (scheduler, triggerer, standalone lines)\n" + "\n".join(tail))
 
 
 def print_failed_tasks(client, dag_id: str, run_id: str) -> None:

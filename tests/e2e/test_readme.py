@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.e2e.support import DAG_IDS, ROOT, free_port, token, wait_healthy
+from tests.e2e.support import DAG_IDS, ROOT, STANDALONE_LOGS, free_port, token, wait_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -117,6 +117,7 @@ def readme_airflow(tmp_path_factory):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AIRFLEET"))}
     env.update(AIRFLEET_AIRFLOW_HOME=str(home), AIRFLEET_PORT=str(port))
+    STANDALONE_LOGS.append(home / "standalone.log")
     log = open(home / "standalone.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([str(ROOT / "bin" / "airfleet-dev"), "run"], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
