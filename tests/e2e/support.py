@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # A scheduler this long without a heartbeat is dead or hung (Airflow calls it unhealthy after
 # 30 s; a busy 2-core machine can delay a beat, never by minutes): no run will finish.
 SCHEDULER_DEAD_AFTER = 120
-# The running Airflows' logs (``airflow standalone`` output), registered by the fixtures that
-# start them: a run that does not finish prints their tail, as CI keeps no other trace.
+# The logs (``airflow standalone`` output) of every Airflow this session started, registered
+# by the fixtures that start them: a run that does not finish prints their tail, as CI keeps
+# no other trace. Each tail is headed by its path (its Airflow's home).
 STANDALONE_LOGS: list[Path] = []
 CLUSTER = {"metadata": {"name": "e2e-a"},
            "spec": {"type": "ssh", "provider": "static",
