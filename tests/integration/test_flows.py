@@ -290,7 +290,7 @@ def test_onboard_discovers_without_setting_up(dags, fake):
     assert record.phase is Phase.RUNNING and len(record.cluster.status.nodes) == 2
 
 
-def test_health_check_moves_running_and_failed_and_skips_held_clusters(dags, fake):
+def test_health_check_moves_running_and_failed_and_skips_held_clusters(dags, fake, capfd):
     second = copy.deepcopy(SSH_CLUSTER)
     second["metadata"]["name"] = "llm-b"
     run(dags, "airfleet_cluster_create", {"cluster": SSH_CLUSTER})
@@ -315,6 +315,9 @@ def test_health_check_moves_running_and_failed_and_skips_held_clusters(dags, fak
     assert Store().require_cluster("llm-b").phase is Phase.RUNNING
     assert fake.calls("llm-a").count("health") == 2  # skipped while held
     assert transitions("llm-b")[-2:] == [("Running", "Failed"), ("Failed", "Running")]
+    logged = "".join(capfd.readouterr())
+    assert "part 2 of 2: checked" in logged  # the tasks' output is here ...
+    assert "XCom not found" not in logged  # ... and no error of reading the parts' results
 
 
 def test_a_sealed_credential_goes_to_the_vault_and_its_plaintext_nowhere(dags, fake, capfd, caplog,
