@@ -17,10 +17,10 @@ provider (``private_key`` or ``key_file``, ``private_key_passphrase``, ``host_ke
 
 What the provider has no notion of stays in :class:`airfleet.backends.ssh.remote.Remote`,
 which uses these connections: one reused connection per node, at most ``SESSIONS_PER_NODE``
-sessions on it, refused session opens retried. The head's dashboard is reached through a
-UNIX-socket forward over the head's command connection (``Remote.forward_to_loopback``), not
-the provider's ``AsyncSSHTunnel``, which opens another connection per tunnel and listens on a
-TCP port of this machine's loopback, where any local user could reach the dashboard.
+sessions on it, refused session opens retried. The head's dashboard is reached through SSH
+channels on the head's command connection (``Remote.loopback_channel``), not the provider's
+``AsyncSSHTunnel``, which opens another connection per tunnel and listens on a TCP port of
+this machine's loopback, where any local user could reach the dashboard.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ freed, so the RSS at the reset is printed beside it.
 The SSH tunnel is SIMULATED NOWHERE here: these dashboards are reached by plain HTTP
 (``clients["dashboard"] = dashboard.direct``, no SSH client, so a missing node's
 reachability is "host not probed" too). A real head's dashboard answers on its loopback only
-and production probes reach it through an SSH forward, one SSH connection per cluster per
+and production probes reach it through SSH channels, one SSH connection per cluster per
 probe. What that costs was measured on real sshd nodes with a real Ray head by
 tests/benchmarks/test_tunnel_cost.py: read from its ``results/tunnel_cost.json`` when that
 exists (``make bench`` runs it first: this run's figure), else the figures it printed on this

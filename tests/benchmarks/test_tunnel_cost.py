@@ -2,7 +2,7 @@
 
 A real head's dashboard answers on its loopback only, so every production probe of a
 static-nodes cluster (``health_async``) opens an SSH connection to the head (TCP, key
-exchange, our key, the pinned host key), a forward over it, and then asks the dashboard twice
+exchange, our key, the pinned host key), then asks the dashboard twice over SSH channels on it
 (GCS health, then the nodes). The fleet benchmark (test_health_fleet.py) reaches simulated
 dashboards by plain HTTP and leaves this out; here it is, on a real sshd node
 (tests/fakes/nodes.py) running a real Ray 2.60 head:
@@ -20,7 +20,7 @@ dashboards by plain HTTP and leaves this out; here it is, on a real sshd node
 ``probe - http_only`` is what the tunnel adds per cluster per probe. Each figure comes with
 this process's CPU per round (``client_cpu_ms``): a fleet's check is bounded by the client's
 CPU, and the split says what keeping connections open between checks would save (the connect
-and the forward's set-up) and what it would not (the requests over the tunnel). Also timed: 10
+and what it would not (the channels and requests over the tunnel). Also timed: 10
 probes at once (sshd's MaxStartups defaults to 10 unauthenticated connections: in production each
 cluster has its own head, so only the per-cluster figure adds up). Prints the figures and
 writes them to ``tests/benchmarks/results/tunnel_cost.json``; asserts nothing about time.
