@@ -37,12 +37,17 @@ not a measurement:
 - slot time: every probe holds its slot ``tunnel_adds_per_probe_ms`` longer, so
   ``wall + clusters * tunnel_ms / concurrency``;
 - CPU: the SSH client's work is the parts' (one event loop each), so the check cannot take
-  less wall time than ``(cpu + clusters * (tunnel_cpu_ms + key_cpu_ms)) / min(parts, cores)``,
-  where ``key_cpu_ms`` is what building a cluster's SSH access from its vault-held key costs
+  less wall time than ``(cpu + clusters * (tunnel_cpu_ms - direct_cpu_ms + key_cpu_ms)) /
+  min(parts, cores)``: a probe through the tunnel (``tunnel_cpu_ms``, all of it) replaces the
+  plain-HTTP probe measured here (``direct_cpu_ms``: the same ``health_async`` of one healthy
+  cluster of this fleet, timed apart in this process, 200 times), and ``key_cpu_ms`` is
+  what building a cluster's SSH access from its vault-held key costs
   (test_tunnel_cost.py too): once per check for a fleet that shares one key (the check reads
   each credential once), once per cluster for clusters with keys of their own (both printed);
 
-the projection is the larger of the two.
+the projection is the larger of the two. A third figure projects what is not built: a prober
+that keeps each head's SSH connection open from one check to the next, paying only the
+requests over an open tunnel (``open_tunnel_cpu_ms``, test_tunnel_cost.py's ``http_only``).
 
 Prints the figures and writes them to ``tests/benchmarks/results/health_fleet.json``; asserts
 nothing about time (goal: 10,000 clusters under 60 s on 2 cores, cost growing linearly).
@@ -81,14 +86,13 @@ TIMEOUT, CONCURRENCY, SLOW_SECONDS = 5.0, 200, 1.0
 ONCE_FROM = 10_000  # under AIRFLEET_BENCH_QUICK=1: fleets this large are checked once
 DEFAULT_CONCURRENCY = 50  # AIRFLEET_HEALTH_CONCURRENCY's default
 PARTS = config.health_shards()  # as the DAG splits the fleet
-# test_tunnel_cost.py on this machine (real sshd node, real Ray 2.60 head), 2026-12-05: the
-# tunnel adds 74.9 ms per probe (median of 20; SSH connect alone 45.6 ms) and a whole probe
-# through it costs this process 11.3 ms of CPU. The tunnel's own share of that CPU was not
-# measured apart: all of it is counted (an upper bound by the ~1 ms a direct probe costs).
-MEASURED_TUNNEL = {"tunnel_adds_per_probe_ms": 74.9, "probe_client_cpu_ms": 11.3,
-                   "own_key_cpu_ms": 8.1, "shared_key_cpu_ms": 0.2,
-                   "source": "test_tunnel_cost.py as printed on this machine, 2026-12-05 "
-                             "(the keys' figures 2026-12-07)"}
+# test_tunnel_cost.py on this machine (real sshd node, real Ray 2.60 head), 2026-12-07, with
+# the dashboard's connections as SSH channels: the tunnel adds 96.2 ms per probe (median of
+# 20; SSH connect alone 48.1 ms) and a whole probe through it costs this process 11.96 ms of
+# CPU (connect 5.42 ms, the two requests over an open tunnel 3.68 ms).
+MEASURED_TUNNEL = {"tunnel_adds_per_probe_ms": 96.2, "probe_client_cpu_ms": 11.96,
+                   "open_tunnel_cpu_ms": 3.68, "own_key_cpu_ms": 3.56, "shared_key_cpu_ms": 0.21,
+                   "source": "test_tunnel_cost.py as printed on this machine, 2026-12-07"}
 
 
 def DIRECT(cluster) -> dict:  # noqa: N802 - a constant in spirit: the clients of every probe
@@ -103,6 +107,7 @@ def tunnel_cost() -> dict:
         keys = figures["credentials"]
         return {"tunnel_adds_per_probe_ms": figures["tunnel_adds_per_probe_ms"],
                 "probe_client_cpu_ms": figures["probe_client_cpu_ms"],
+                "open_tunnel_cpu_ms": figures["http_only"]["client_cpu_ms"],
                 "own_key_cpu_ms": keys["own_key"]["client_cpu_ms"],
                 "shared_key_cpu_ms": keys["shared_key"]["client_cpu_ms"],
                 "source": str(measured.relative_to(RESULTS.parents[2]))}
@@ -160,6 +165,28 @@ class Parts:
             assert proc.wait(60) == 0, "a part's process failed"
 
 
+def direct_probe_cpu_ms(store: Store, rounds: int = 200) -> float:
+    """This process's CPU for one plain-HTTP ``health_async`` of a healthy cluster of the
+    fleet in ``store``: what a probe through the tunnel replaces, not adds to."""
+    import asyncio
+
+    from airfleet.backends import BackendContext
+    from airfleet.backends.ssh.backend import SSHBackend
+
+    record = next(r for r in store.list_clusters()
+                  if r.cluster.metadata.labels.get("probe") == "healthy")
+    ctx, backend = BackendContext("bench", clients=DIRECT(record.cluster)), SSHBackend()
+
+    async def probes() -> float:
+        await backend.health_async(record.cluster, ctx)  # imports, first connection
+        cpu = time.process_time()
+        for _ in range(rounds):
+            seen = await backend.health_async(record.cluster, ctx)
+            assert seen.healthy, seen.message
+        return time.process_time() - cpu
+    return round(1000 * asyncio.run(probes()) / rounds, 2)
+
+
 def _check(parts: Parts, store: Store, run_id: str, tunnel: dict) -> dict:
     wall, results = parts.check(run_id)
     cpu = sum(r["cpu"] for r in results)
@@ -168,8 +195,8 @@ def _check(parts: Parts, store: Store, run_id: str, tunnel: dict) -> dict:
     timed_out = sum("timed out" in r.cluster.status.message for r in store.list_clusters())
     by_slots = wall + size * tunnel["tunnel_adds_per_probe_ms"] / 1000 / CONCURRENCY / PARTS
 
-    def by_cpu(key_ms: float) -> float:
-        per_probe_ms = tunnel["probe_client_cpu_ms"] + key_ms
+    def by_cpu(key_ms: float, probe_ms: float = tunnel["probe_client_cpu_ms"]) -> float:
+        per_probe_ms = max(0.0, probe_ms - tunnel["direct_cpu_ms"]) + key_ms
         return (cpu + size * per_probe_ms / 1000) / min(PARTS, os.cpu_count())
     return {"wall_seconds": round(wall, 2), "ms_per_cluster": round(1000 * wall / size, 2),
             "cpu_seconds": round(cpu, 2), "cpu_ms_per_cluster": round(1000 * cpu / size, 2),
@@ -183,7 +210,11 @@ def _check(parts: Parts, store: Store, run_id: str, tunnel: dict) -> dict:
             "projected_with_tunnel": {
                 "slot_time_seconds": round(by_slots, 1),
                 "cpu_floor_seconds": round(by_cpu(tunnel["shared_key_cpu_ms"]), 1),
-                "cpu_floor_own_keys_seconds": round(by_cpu(tunnel["own_key_cpu_ms"]), 1)}}
+                "cpu_floor_own_keys_seconds": round(by_cpu(tunnel["own_key_cpu_ms"]), 1)},
+            # Not built: a prober that keeps each head's connection open from one check to
+            # the next would pay only the requests over an open tunnel.
+            "projected_with_kept_connections_seconds": round(max(by_slots, by_cpu(
+                0.0, tunnel["open_tunnel_cpu_ms"])), 1)}
 
 
 def test_health_check_cost_over_fleet_sizes(tmp_path, monkeypatch):
@@ -206,6 +237,10 @@ def test_health_check_cost_over_fleet_sizes(tmp_path, monkeypatch):
             store.migrate()
             started = time.monotonic()
             register_fleet(store, size, dashboards.port, MIX, bulk=True)
+            if "direct_cpu_ms" not in tunnel:
+                tunnel["direct_cpu_ms"] = direct_probe_cpu_ms(store)
+                print(f"a plain-HTTP probe of a healthy cluster (what a probe through the "
+                      f"tunnel replaces): {tunnel['direct_cpu_ms']} ms of CPU")
             fleet = {"clusters": size, "register_seconds": round(time.monotonic() - started, 2),
                      "wait_floor_seconds": wait_floor(size, CONCURRENCY),
                      f"wait_floor_at_{DEFAULT_CONCURRENCY}_seconds":
@@ -259,7 +294,9 @@ def _print(fleet: dict) -> None:
               f"{run['projected_with_tunnel_own_keys_seconds']} s with a key per cluster "
               f"(slot time {run['projected_with_tunnel']['slot_time_seconds']} s, CPU floor "
               f"{run['projected_with_tunnel']['cpu_floor_seconds']} s / "
-              f"{run['projected_with_tunnel']['cpu_floor_own_keys_seconds']} s)")
+              f"{run['projected_with_tunnel']['cpu_floor_own_keys_seconds']} s); were the "
+              f"connections kept open between checks (not built): "
+              f"{run['projected_with_kept_connections_seconds']} s")
 
 
 def _growth(fleets: list[dict]) -> dict:
