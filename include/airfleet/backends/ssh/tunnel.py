@@ -45,6 +45,12 @@ class SSHDashboardTunnel(DashboardAccess):
             # httpx would load the CA bundle for each transport (64 ms of CPU, most of a
             # probe's) although no request here is https.
             transport = httpx.AsyncHTTPTransport(verify=tls_context(), trust_env=False)
+            if not isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
+                # Never fall back to the transport's own pool: it would send the requests to
+                # whatever listens on this machine's loopback.
+                raise RuntimeError("httpx's transport has no httpcore pool to put on SSH "
+                                   "channels (its layout of httpx 0.28, pinned in "
+                                   "pyproject.toml): install httpx 0.28")
             transport._pool = httpcore.AsyncConnectionPool(network_backend=_Channels(self))
             self._http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}",
                                            transport=transport, trust_env=False)
