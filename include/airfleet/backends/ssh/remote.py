@@ -410,13 +410,21 @@ class Remote:
         host key). Nothing listens on this machine for it.
 
         :param timeout: for the channel (the connection has its own connect timeout).
-        :raises RemoteCommandError: as :meth:`run` does when the node cannot be reached.
+        :raises RemoteCommandError: as :meth:`run` does when the node cannot be reached (the
+            connection lost while the channel opens, too: the next call connects again).
         :raises asyncssh.ChannelOpenError: the node's sshd refused the channel (nothing
             listens on the port, or its ``AllowTcpForwarding`` forbids it).
         """
-        conn = await self._connection(node, f"ssh -W 127.0.0.1:{port}")
-        async with asyncio.timeout(timeout):
-            return await conn.open_connection("127.0.0.1", port)
+        label = f"ssh -W 127.0.0.1:{port}"
+        conn = await self._connection(node, label)
+        try:
+            async with asyncio.timeout(timeout):
+                return await conn.open_connection("127.0.0.1", port)
+        except (asyncssh.DisconnectError, OSError) as exc:  # the connection died meanwhile
+            self._forget(node, conn)
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            raise NodeUnreachable(node, label, self.access.port,
+                                  f"cannot open a channel to port {port}: {reason}") from None
 
     def _forget(self, node: str, conn: asyncssh.SSHClientConnection) -> None:
         if self._connections.get(node) is conn:
