@@ -19,7 +19,7 @@ dashboards by plain HTTP and leaves this out; here it is, on a real sshd node
 
 ``probe - http_only`` is what the tunnel adds per cluster per probe. Each figure comes with
 this process's CPU per round (``client_cpu_ms``): a fleet's check is bounded by the client's
-CPU, and the split says what keeping connections open between checks would save (the connect
+CPU, and the split says what keeping connections open between checks would save (the connect)
 and what it would not (the channels and requests over the tunnel). Also timed: 10
 probes at once (sshd's MaxStartups defaults to 10 unauthenticated connections: in production each
 cluster has its own head, so only the per-cluster figure adds up). Prints the figures and

@@ -450,6 +450,25 @@ def test_a_tunnel_that_cannot_open_says_why(farm):
         assert str(caught.value).startswith(f"node {node0.address}: "), str(caught.value)
 
 
+def test_a_channel_slow_to_open_times_out_and_keeps_the_connection(farm):
+    """A channel the head's sshd does not answer in time (here: its session processes
+    stopped) is a timeout, not an unreachable node: the connection stays for the next one."""
+    node = farm.nodes[0]
+
+    async def body(r: Remote):
+        await r.run(node.address, "true")
+        conn = r._connections[node.address]
+        node.run("pkill -STOP -f 'sshd: root'")
+        try:
+            with pytest.raises(TimeoutError):
+                await r.loopback_channel(node.address, 8265, timeout=1)
+        finally:
+            node.run("pkill -CONT -f 'sshd: root'")
+        return r._connections.get(node.address) is conn and not conn.is_closed()
+
+    assert session(access(farm), body) is True
+
+
 def test_a_silent_dashboard_says_why_as_the_heads_sshd_does(farm):
     """Nothing listens on the port (no Ray yet), or the node's sshd forwards nothing."""
     async def silent(r: Remote, node: str):

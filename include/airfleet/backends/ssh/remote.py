@@ -417,14 +417,16 @@ class Remote:
         """
         label = f"ssh -W 127.0.0.1:{port}"
         conn = await self._connection(node, label)
-        try:
-            async with asyncio.timeout(timeout):
+        # The timeout outside the try: its TimeoutError is an OSError, and a channel that is
+        # slow to open says nothing about the connection.
+        async with asyncio.timeout(timeout):
+            try:
                 return await conn.open_connection("127.0.0.1", port)
-        except (asyncssh.DisconnectError, OSError) as exc:  # the connection died meanwhile
-            self._forget(node, conn)
-            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-            raise NodeUnreachable(node, label, self.access.port,
-                                  f"cannot open a channel to port {port}: {reason}") from None
+            except (asyncssh.DisconnectError, OSError) as exc:  # the connection died meanwhile
+                self._forget(node, conn)
+                reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+                raise NodeUnreachable(node, label, self.access.port,
+                                      f"cannot open a channel to port {port}: {reason}") from None
 
     def _forget(self, node: str, conn: asyncssh.SSHClientConnection) -> None:
         if self._connections.get(node) is conn:
