@@ -65,58 +65,6 @@ class DetectAcceleratorsOperator(_FlowOperator):
         return {"count": found.get("count", 0), "models": found.get("models", {})}
 
 
-class RayDrainNodesOperator(_FlowOperator):
-    """Drain the Ray workers that the desired spec no longer lists, then stop them.
-
-    ``ray drain-node`` (reason PREEMPTION, a message naming the run, the spec's
-    ``drain_deadline_seconds``) lets running work finish while nothing new lands there; the
-    wait for DEAD runs in the triggerer (:class:`RayNodesDeadTrigger`), not in a worker slot,
-    and keeps the run's lease however long the drain takes (a lease lost meanwhile fails the
-    task). A node still busy at the deadline is stopped by force, and its status says so. With
-    nothing removed, the task succeeds at once.
-
-    :param lease: the flow's lease (the ``admit`` XCom): every write is fenced by it.
-    :param poll_interval: seconds between dashboard probes while waiting.
-    """
-
-    def __init__(self, *, lease: Any, poll_interval: float = 5.0, **kwargs: Any) -> None:
-        super().__init__(lease=lease, **kwargs)
-        self.poll_interval = poll_interval
-
-    def execute(self, context: Any) -> None:
-        import time
-
-        from airfleet import flows
-        from airfleet_airflow.triggers import RayNodesDeadTrigger
-
-        ticket = self._verb("drain_nodes")
-        if not ticket["removed"]:
-            self.log.info("no worker was removed from the spec: nothing to drain")
-            return
-        if not ticket["nodes"]:
-            self.log.info("removed workers %s are not ALIVE: stopping them", ticket["removed"])
-            self._verb("stop_nodes", forced=[])
-            return
-        self.log.info("draining %s (deadline %s s)", ticket["nodes"], ticket["deadline_seconds"])
-        lease = flows.LeaseRef.from_dict(self.lease).to_dict()  # no secret: name, run, token
-        self.defer(
-            trigger=RayNodesDeadTrigger(lease, ticket["nodes"],
-                                        time.time() + ticket["deadline_seconds"],
-                                        self.poll_interval),
-            method_name="execute_complete",
-            timeout=timedelta(seconds=ticket["deadline_seconds"]) + DEFER_MARGIN)
-
-    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> None:
-        from airflow.sdk.exceptions import AirflowException
-
-        if event is None:
-            raise AirflowException("the drain trigger ended without an event")
-        _fail_if_lease_lost(event)
-        self.log.info("drain ended (%s): %s; forced stop for %s", event["status"],
-                      event["message"], event["alive"] or "none")
-        self._verb("stop_nodes", forced=event["alive"])
-
-
 class WaitReadyOperator(_FlowOperator):
     """Wait until the cluster's components are ready (Kubernetes: every Deployment Available).
 
@@ -206,13 +154,15 @@ class CloudReconcileOperator(_FlowOperator):
     :param lease: the flow's lease (the ``admit`` XCom); None: pulled from XCom when
         the task runs (for a task that must not depend on the lease setup directly).
     :param verb: the backend verb.
-    :param then: backend verbs to run, in order, once ``verb`` converged (create: detect the
-        accelerators, then set up, in this task rather than a task each).
+    :param then: steps to run, in order, once ``verb`` converged, in this task rather than a
+        task each (each task costs a process and a scheduling round): backend verbs (create:
+        detect the accelerators, then set up), or ``"drain_nodes"`` (update: :meth:`_drain`).
     :param poll_interval: seconds between polls in the triggerer (default
         ``AIRFLEET_CLOUD_POLL_SECONDS``, 30).
     """
 
     MAX_PASSES = 100  # a guard: passes that never converge end here, not in a loop
+    DRAIN_POLL_SECONDS = 5.0  # between dashboard probes while a drain waits in the triggerer
 
     def __init__(self, *, lease: Any, verb: str, then: list[str] | tuple[str, ...] = (),
                  poll_interval: float | None = None, **kwargs: Any) -> None:
@@ -263,14 +213,64 @@ class CloudReconcileOperator(_FlowOperator):
     def _verb_kwargs(self) -> dict[str, Any]:
         return {}
 
-    def _done(self) -> None:
-        """After the last pass: the ``then`` verbs."""
-        for verb in self.then:
+    def _done(self, start: int = 0) -> None:
+        """After the last pass: the ``then`` steps, from ``start`` on."""
+        for verb in self.then[start:]:
             self.log.info("%s", verb)
+            if verb == "drain_nodes":
+                self._drain()
+                continue
             found = self._verb(verb)
             if verb == "detect_accelerators":
                 self.log.info("accelerators: %s in all, by model %s", found.get("count", 0),
                               found.get("models", {}))
+
+    def _drain(self) -> None:
+        """Drain the Ray workers that the desired spec no longer lists, then stop them.
+
+        ``ray drain-node`` (reason PREEMPTION, a message naming the run, the spec's
+        ``drain_deadline_seconds``) lets running work finish while nothing new lands there;
+        the wait for DEAD runs in the triggerer (:class:`RayNodesDeadTrigger`), not in a
+        worker slot, and keeps the run's lease however long the drain takes (a lease lost
+        meanwhile fails the task). A node still busy at the deadline is stopped by force, and
+        its status says so. With nothing removed, nothing is done. :meth:`drained` goes on
+        with the steps after it."""
+        import time
+
+        from airfleet import flows
+        from airfleet_airflow.triggers import RayNodesDeadTrigger
+
+        ticket = self._verb("drain_nodes")
+        if not ticket["removed"]:
+            self.log.info("no worker was removed from the spec: nothing to drain")
+            return
+        if not ticket["nodes"]:
+            self.log.info("removed workers %s are not ALIVE: stopping them", ticket["removed"])
+            self._verb("stop_nodes", forced=[])
+            return
+        self.log.info("draining %s (deadline %s s)", ticket["nodes"], ticket["deadline_seconds"])
+        lease = flows.LeaseRef.from_dict(self.lease).to_dict()  # no secret: name, run, token
+        self.defer(
+            trigger=RayNodesDeadTrigger(lease, ticket["nodes"],
+                                        time.time() + ticket["deadline_seconds"],
+                                        self.DRAIN_POLL_SECONDS),
+            method_name="drained",
+            timeout=timedelta(seconds=ticket["deadline_seconds"]) + DEFER_MARGIN)
+
+    def drained(self, context: Any, event: dict[str, Any] | None = None) -> None:
+        """The drain's wait ended: stop what is still alive, then the steps after it. Where to
+        go on is found from ``then``, not passed in the deferral's kwargs: ``dag.test()``
+        resumes a task with the event alone."""
+        from airflow.sdk.exceptions import AirflowException
+
+        self._resolve_lease(context)
+        if event is None:
+            raise AirflowException("the drain trigger ended without an event")
+        _fail_if_lease_lost(event)
+        self.log.info("drain ended (%s): %s; forced stop for %s", event["status"],
+                      event["message"], event["alive"] or "none")
+        self._verb("stop_nodes", forced=event["alive"])
+        self._done(self.then.index("drain_nodes") + 1)
 
     def _fail(self, message: str) -> None:
         from airflow.sdk.exceptions import AirflowFailException
@@ -309,7 +309,7 @@ class CleanupFailedRunOperator(CloudReconcileOperator):
         self.log.info("this run created: %s", ", ".join(created) or "nothing")
         return {"created": created}
 
-    def _done(self) -> None:
+    def _done(self, start: int = 0) -> None:
         from airfleet import flows
         from airfleet.store import Store
 

@@ -47,7 +47,7 @@ def test_a_denied_add_node_leaves_the_cluster_as_it_was(dags, fake, capfd, caplo
 
     assert str(dr.state) == "failed"
     s = states(dr)
-    assert s["admit"] == "failed" and s["scale_node_pools"] == "upstream_failed"
+    assert s["admit"] == "failed" and s["apply"] == "upstream_failed"
     assert s["release_lease"] == "success"
     assert snapshot() == before and fake.calls() == calls
     assert Store().get_lease("llm-a").holder is None

@@ -268,18 +268,20 @@ def test_a_lease_taken_over_before_the_wait_starts_ends_it_at_once(dash, store, 
     assert "held by airfleet_cluster_delete/run-2" in event["message"]
 
 
-@pytest.mark.parametrize("operator", ["RayDrainNodesOperator", "WaitReadyOperator",
-                                      "CloudReconcileOperator"])
-def test_the_operator_fails_the_task_with_the_reason_when_the_lease_was_lost(operator):
+@pytest.mark.parametrize("operator, resumed", [("WaitReadyOperator", "execute_complete"),
+                                               ("CloudReconcileOperator", "execute_complete"),
+                                               ("CloudReconcileOperator", "drained")])
+def test_the_operator_fails_the_task_with_the_reason_when_the_lease_was_lost(operator, resumed):
     from airflow.sdk.exceptions import AirflowFailException
 
     from airfleet_airflow import operators
 
-    kwargs = {"verb": "provision"} if operator == "CloudReconcileOperator" else {}
+    kwargs = {"verb": "scale", "then": ["drain_nodes", "apply"]} \
+        if operator == "CloudReconcileOperator" else {}
     task = getattr(operators, operator)(task_id="t", lease=LEASE, **kwargs)
     reason = f"run {HOLDER} lost its lease on cluster {NAME} while waiting (...)"
     with pytest.raises(AirflowFailException, match=r"lost its lease on cluster static-a"):
-        task.execute_complete({}, event={"status": LEASE_LOST, "message": reason})
+        getattr(task, resumed)({}, event={"status": LEASE_LOST, "message": reason})
 
 
 # ---- the hold: Airflow 3.3 fails a task that resumes too soon after defer() ----------------
